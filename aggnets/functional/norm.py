@@ -1,0 +1,46 @@
+"""Normalisations used by the heads: L2, signed power, intra-normalisation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["l2_normalize", "signed_power", "intra_normalize", "accumulation_dtype"]
+
+
+def accumulation_dtype(x: Tensor) -> Tensor:
+    """Return ``x`` in at least float32 (half-precision values are upcast; float64 stays float64)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    return x
+
+
+def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
+    """``x / max(||x||_2, eps)`` along ``dim``; a zero vector stays zero with a finite gradient."""
+    return F.normalize(x, p=2.0, dim=dim, eps=eps)
+
+
+def signed_power(x: Tensor, alpha: float | Tensor = 0.5, eps: float = 1e-12) -> Tensor:
+    """Power normalisation ``sign(z) |z|^alpha`` (Perronnin et al., ECCV 2010; alpha = 0.5 is the signed square root).
+
+    Exact for ``|z| >= eps``; below ``eps`` it continues linearly with the same value at ``eps`` so that the
+    gradient stays finite at zero (the exact derivative ``alpha |z|^(alpha-1)`` is infinite there).
+    """
+    if isinstance(alpha, (int, float)) and alpha == 1:
+        return x
+    magnitude = x.abs()
+    powered = magnitude.clamp_min(eps).pow(alpha)
+    linear = magnitude * (eps ** (alpha - 1))
+    return torch.sign(x) * torch.where(magnitude > eps, powered, linear)
+
+
+def intra_normalize(x: Tensor, num_groups: int, eps: float = 1e-12) -> Tensor:
+    """L2-normalise each of ``num_groups`` equal blocks of the last dimension (Arandjelović & Zisserman, CVPR 2013).
+
+    ``x``: (..., num_groups * D), e.g. a flattened VLAD (B, K * C); the shape is preserved.
+    """
+    shape = x.shape
+    if shape[-1] % num_groups:
+        raise ValueError(f"intra_normalize: last dimension {shape[-1]} is not divisible by num_groups={num_groups}")
+    grouped = x.reshape(*shape[:-1], num_groups, shape[-1] // num_groups)
+    return l2_normalize(grouped, dim=-1, eps=eps).reshape(shape)

@@ -1,0 +1,70 @@
+"""Global poolings of a feature map (B, C, H, W) into one vector per image (B, C).
+
+Masks (B, H, W), True = valid, restrict every pooling to the valid positions exactly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .masking import flatten_positions, zero_masked
+from .norm import accumulation_dtype, signed_power
+
+__all__ = ["mac", "spoc", "gem", "crow"]
+
+
+def mac(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """MAC, maximum activation of convolutions (Tolias et al., ICLR 2016): ``f_c = max_n x_{n,c}``."""
+    flat = x.flatten(2)
+    if mask is not None:
+        flat = torch.where(mask.flatten(1).unsqueeze(1), flat, torch.full((), float("-inf"), dtype=x.dtype,
+                                                                          device=x.device))
+    return accumulation_dtype(flat.amax(dim=-1))
+
+
+def spoc(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """SPoC, sum-pooled convolutional features (Babenko & Lempitsky, ICCV 2015): ``f = (1/N) sum_n x_n``."""
+    if mask is None:
+        return accumulation_dtype(x).mean(dim=(-2, -1))
+    flat, _, counts = flatten_positions(accumulation_dtype(x), mask)
+    return flat.sum(dim=-1) / counts
+
+
+def gem(x: Tensor, p: Tensor | float = 3.0, eps: float = 1e-6, mask: Optional[Tensor] = None) -> Tensor:
+    """GeM, generalised-mean pooling (Radenović et al., TPAMI 2018).
+
+    ``f_c = ( (1/N) sum_n max(x_{n,c}, eps)^{p_c} )^{1/p_c}``; ``p`` is a float, a (1,) or a (C,) tensor.
+    p = 1 is SPoC (for inputs >= eps); p -> inf tends to MAC.
+    """
+    x = accumulation_dtype(x)
+    if isinstance(p, Tensor):
+        p = p.to(x.dtype)
+        exponent = p.view(1, -1, 1, 1) if p.numel() > 1 else p.reshape(())
+        inverse = 1.0 / (p.view(1, -1) if p.numel() > 1 else p.reshape(()))
+    else:
+        exponent, inverse = p, 1.0 / p
+    powered = zero_masked(x, mask).clamp(min=eps).pow(exponent)
+    if mask is None:
+        return powered.mean(dim=(-2, -1)).pow(inverse)
+    flat, _, counts = flatten_positions(powered, mask)
+    return (flat.sum(dim=-1) / counts).pow(inverse)
+
+
+def crow(x: Tensor, mask: Optional[Tensor] = None, a: float = 2.0, b: float = 2.0, eps: float = 1e-6) -> Tensor:
+    """CroW, cross-dimensional weighting (Kalantidis et al., ECCV Workshops 2016).
+
+    Spatial weights ``S'_n = (S_n / (sum_m S_m^a)^{1/a})^{1/b}`` from the channel sums ``S_n = sum_c x_{n,c}``
+    (clamped at 0: CroW assumes non-negative activations); channel weights ``Omega_c = log(sum_k Q_k / (eps + Q_c))``
+    with ``Q_c`` the fraction of valid positions where channel c is positive; ``f_c = Omega_c sum_n S'_n x_{n,c}``.
+    """
+    flat, _, counts = flatten_positions(accumulation_dtype(x), mask)
+    sums = flat.sum(dim=1).clamp(min=0)                              # (B, N)
+    norm = sums.pow(a).sum(dim=-1, keepdim=True).pow(1.0 / a)        # (B, 1)
+    spatial = signed_power(sums / norm.clamp(min=eps), 1.0 / b)      # (B, N)
+    positive = (flat > 0).to(flat.dtype)                             # masked positions are 0: not counted
+    fraction = positive.sum(dim=-1) / counts                         # (B, C)
+    total = fraction.sum(dim=-1, keepdim=True).clamp(min=eps)
+    channel = torch.log(total / (eps + fraction))
+    return channel * torch.bmm(flat, spatial.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,56 @@
+"""Spatial pyramid cells (Lazebnik, Schmid & Ponce, CVPR 2006) gathered into a batch, so that any head encodes all
+cells of a level in one call."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["cell_bounds", "pyramid_cells"]
+
+
+def cell_bounds(length: int, cells: int) -> list[tuple[int, int]]:
+    """Cell i of ``cells`` along an axis spans ``[floor(i L / n), ceil((i + 1) L / n))`` (adaptive-pooling convention:
+    never empty, neighbours share at most one position when L is not divisible by n)."""
+    return [((i * length) // cells, -((-(i + 1) * length) // cells)) for i in range(cells)]
+
+
+def _axis_index(length: int, cells: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
+    bounds = cell_bounds(length, cells)
+    size = max(end - start for start, end in bounds)
+    offsets = torch.arange(size, device=device)
+    starts = torch.tensor([start for start, _ in bounds], device=device).unsqueeze(1)
+    ends = torch.tensor([end for _, end in bounds], device=device).unsqueeze(1)
+    index = starts + offsets
+    valid = index < ends
+    return torch.minimum(index, ends - 1), valid, size
+
+
+def pyramid_cells(x: Tensor, level: int, mask: Optional[Tensor] = None
+                  ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Split (B, C, H, W) into ``level`` x ``level`` cells stacked as (B * level^2, C, h, w), row-major per image.
+
+    Cells smaller than the largest are padded (by repeating their last row/column) and the returned mask
+    (B * level^2, h, w) marks their own positions; it is ``None`` when every cell is full and no ``mask`` is given.
+    The third value flags cells with no valid position (``None`` without a mask): the mask of such a cell is set
+    all-True so that heads can run, and the caller replaces their output.
+    """
+    batch, channels, height, width = x.shape
+    rows, row_valid, cell_h = _axis_index(height, level, x.device)
+    cols, col_valid, cell_w = _axis_index(width, level, x.device)
+    cells = x.index_select(2, rows.flatten()).index_select(3, cols.flatten())
+    cells = cells.view(batch, channels, level, cell_h, level, cell_w).permute(0, 2, 4, 1, 3, 5)
+    cells = cells.reshape(batch * level * level, channels, cell_h, cell_w)
+    geometric = (row_valid[:, None, :, None] & col_valid[None, :, None, :])            # (l, l, h, w)
+    if mask is None:
+        if bool(geometric.all()):
+            return cells, None, None
+        cell_mask = geometric.expand(batch, -1, -1, -1, -1).reshape(-1, cell_h, cell_w)
+        return cells, cell_mask, None
+    user = mask.index_select(1, rows.flatten()).index_select(2, cols.flatten())
+    user = user.view(batch, level, cell_h, level, cell_w).permute(0, 1, 3, 2, 4)
+    cell_mask = (user & geometric).reshape(-1, cell_h, cell_w)
+    empty = ~cell_mask.flatten(1).any(dim=1)
+    cell_mask = cell_mask | empty[:, None, None]
+    return cells, cell_mask, empty

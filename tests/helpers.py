@@ -1,0 +1,155 @@
+"""Shared test helpers: random feature maps, garbage padding, and one factory that builds every registered head.
+
+Nothing here computes an expected value; see references.py for that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import aggnets
+from aggnets import heads as AH
+
+# Heads whose output depends only on the multiset of valid local descriptors (not on their positions).
+ORDERLESS = {"mac", "spoc", "gem", "crow", "vlad", "netvlad", "bof", "netbof", "fisher_vector", "netfv"}
+# Heads that look at the spatial layout (region / cell grids on the bounding box of the valid positions).
+SPATIAL = {"rmac", "spatial_pyramid"}
+# Heads with a codebook (num_clusters is their second constructor argument).
+CODEBOOK = {"vlad", "netvlad", "bof", "netbof", "fisher_vector", "netfv"}
+# Heads whose output is L2-normalised by definition.
+L2_OUTPUT = {"rmac", "vlad", "netvlad", "fisher_vector", "netfv"}
+
+EXPECTED_NAMES = sorted(
+    ["bof", "crow", "fisher_vector", "gem", "mac", "netbof", "netfv", "netvlad", "rmac", "spatial_pyramid", "spoc",
+     "vlad"]
+)
+
+HEAD_NAMES = aggnets.list_heads()
+
+
+def rand_map(B, C, H, W, kind="normal", dtype=torch.float64):
+    """Random (B, C, H, W) feature map.
+
+    kind: "normal" (N(0,1)), "positive" (U[0.5, 1.5]), "nonneg" (ReLU of N(0,1): exact zeros present),
+    "distinct" (all entries distinct, pairwise >= 1/(numel) apart, in [0.5, 1.5]: no ties for max-based heads).
+    """
+    shape = (B, C, H, W)
+    if kind == "normal":
+        x = torch.randn(shape, dtype=torch.float64)
+    elif kind == "positive":
+        x = 0.5 + torch.rand(shape, dtype=torch.float64)
+    elif kind == "nonneg":
+        x = torch.relu(torch.randn(shape, dtype=torch.float64))
+    elif kind == "distinct":
+        n = B * C * H * W
+        x = (0.5 + torch.randperm(n, dtype=torch.float64) / max(n - 1, 1)).reshape(shape)
+    else:
+        raise AssertionError(kind)
+    return x.to(dtype)
+
+
+def garbage_like(shape, dtype=torch.float64):
+    """Garbage for padded positions: huge values of both signs, +-inf and NaN, interleaved."""
+    g = torch.randn(shape, dtype=torch.float64) * 1e4
+    flat = g.view(-1)
+    flat[0::5] = float("nan")
+    flat[1::7] = float("inf")
+    flat[2::11] = -float("inf")
+    return g.to(dtype)
+
+
+def pad_with_garbage(x, H2, W2, top=0, left=0, nan=True):
+    """Put x (B, C, H, W) at (top, left) of a (B, C, H2, W2) canvas filled with garbage; return canvas, mask."""
+    B, C, H, W = x.shape
+    if nan:
+        canvas = garbage_like((B, C, H2, W2), dtype=x.dtype)
+    else:
+        canvas = (torch.randn((B, C, H2, W2), dtype=torch.float64) * 1e3).to(x.dtype)
+    canvas[:, :, top:top + H, left:left + W] = x
+    mask = torch.zeros((B, H2, W2), dtype=torch.bool)
+    mask[:, top:top + H, left:left + W] = True
+    return canvas, mask
+
+
+def rand_centroids(K, C, unit=False):
+    """float64 centroids whose values are exactly representable in float32 (robust to a float32 detour)."""
+    c = torch.randn(K, C, dtype=torch.float32)
+    if unit:
+        c = c / c.norm(dim=1, keepdim=True)
+    return c.double()
+
+
+def rand_gmm(K, C):
+    """(weights (K,), means (K, C), variances (K, C)) in float64."""
+    w = torch.rand(K, dtype=torch.float64) + 0.5
+    w = w / w.sum()
+    means = torch.randn(K, C, dtype=torch.float64)
+    var = 0.5 + 1.5 * torch.rand(K, C, dtype=torch.float64)
+    return w, means, var
+
+
+def make_head(name, C=4, K=3, dtype=torch.float64):
+    """Build registered head `name` with small sizes and a sensible (random) initialisation.
+
+    Codebook heads are initialised from random centroids / a random GMM, so that their assignments are
+    non-trivial. Unknown (newly registered) names are built through the registry with in_channels (and
+    num_clusters if accepted), so that they are covered by the generic tests automatically.
+    """
+    if name in ("mac", "spoc", "gem", "crow", "rmac"):
+        head = aggnets.build_head(name, in_channels=C)
+    elif name == "spatial_pyramid":
+        head = aggnets.build_head(name, head="gem", in_channels=C, levels=(1, 2))
+    elif name == "netvlad":
+        head = AH.NetVLAD.from_centroids(rand_centroids(K, C, unit=True), alpha=10.0)
+    elif name == "vlad":
+        head = AH.VLAD.from_centroids(rand_centroids(K, C))
+    elif name == "netbof":
+        head = AH.NetBoF.from_centroids(rand_centroids(K, C), alpha=1.0)
+    elif name == "bof":
+        head = AH.BoF.from_centroids(rand_centroids(K, C))
+    elif name == "netfv":
+        head = AH.NetFV.from_gmm(*rand_gmm(K, C))
+    elif name == "fisher_vector":
+        head = AH.FisherVector.from_gmm(*rand_gmm(K, C))
+    else:  # a head added later: build it generically
+        try:
+            head = aggnets.build_head(name, in_channels=C, num_clusters=K)
+        except TypeError:
+            head = aggnets.build_head(name, in_channels=C)
+    return head.to(dtype)
+
+
+def expected_out_dim(name, C=4, K=3):
+    """out_dim for the heads built by make_head, from the contract (None for unknown names)."""
+    return {
+        "mac": C, "spoc": C, "gem": C, "crow": C, "rmac": C,
+        "spatial_pyramid": C * (1 + 4),
+        "netvlad": K * C, "vlad": K * C,
+        "netbof": K, "bof": K,
+        "netfv": 2 * K * C, "fisher_vector": 2 * K * C,
+    }.get(name)
+
+
+def input_kind(name):
+    """Input distribution suited to a head (CroW is defined for non-negative maps)."""
+    return "nonneg" if name == "crow" else "normal"
+
+
+def assert_close(actual, expected, rtol=1e-7, atol=1e-10, msg=""):
+    import numpy as np
+
+    a = actual.detach().cpu().double().numpy() if hasattr(actual, "detach") else np.asarray(actual, dtype=float)
+    e = expected.detach().cpu().double().numpy() if hasattr(expected, "detach") else np.asarray(expected, dtype=float)
+    assert a.shape == e.shape, f"shape {a.shape} != {e.shape} {msg}"
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=msg)
+
+
+def rel_err(a, b):
+    a = a.detach().double()
+    b = b.detach().double()
+    return float((a - b).norm() / max(float(b.norm()), 1e-300))
+
+
+__all__ = [n for n in dir() if not n.startswith("_") and n not in ("math",)]
