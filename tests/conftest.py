@@ -9,6 +9,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# No example database on disk (keeps the checkout clean); deterministic example generation.
+settings.register_profile("aggnets", database=None, derandomize=True)
+settings.load_profile("aggnets")
 
 
 @pytest.fixture(autouse=True)

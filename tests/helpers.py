@@ -74,11 +74,16 @@ def pad_with_garbage(x, H2, W2, top=0, left=0, nan=True):
 
 
 def rand_centroids(K, C, unit=False):
-    """float64 centroids whose values are exactly representable in float32 (robust to a float32 detour)."""
-    c = torch.randn(K, C, dtype=torch.float32)
-    if unit:
-        c = c / c.norm(dim=1, keepdim=True)
-    return c.double()
+    """(K, C) float64 centroids with dyadic entries (multiples of 1/8 in [-1, 1]), distinct non-zero rows.
+
+    Dyadic values make the contract's initialisations (w = 2 alpha c, b = -alpha ||c||^2, for alpha a power of two)
+    exact even if an implementation builds its parameters in float32, so float64 comparisons stay exact.
+    `unit` is accepted for readability but the rows are only roughly unit-norm (||c|| in (0, 2]).
+    """
+    while True:
+        c = torch.randint(-8, 9, (K, C)).double() / 8.0
+        if bool((c.abs().sum(1) > 0).all()) and len({tuple(r.tolist()) for r in c}) == K:
+            return c
 
 
 def rand_gmm(K, C):
@@ -102,7 +107,7 @@ def make_head(name, C=4, K=3, dtype=torch.float64):
     elif name == "spatial_pyramid":
         head = aggnets.build_head(name, head="gem", in_channels=C, levels=(1, 2))
     elif name == "netvlad":
-        head = AH.NetVLAD.from_centroids(rand_centroids(K, C, unit=True), alpha=10.0)
+        head = AH.NetVLAD.from_centroids(rand_centroids(K, C), alpha=8.0)
     elif name == "vlad":
         head = AH.VLAD.from_centroids(rand_centroids(K, C))
     elif name == "netbof":

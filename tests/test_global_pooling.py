@@ -76,7 +76,7 @@ def test_gem_parameter_shapes():
     per_ch = GeM(7, p=3.0, per_channel=True)
     assert isinstance(shared.p, torch.nn.Parameter) and tuple(shared.p.shape) == (1,)
     assert isinstance(per_ch.p, torch.nn.Parameter) and tuple(per_ch.p.shape) == (7,)
-    assert torch.all(per_ch.p.detach() == 3.0) and float(shared.p) == 3.0
+    assert torch.all(per_ch.p.detach() == 3.0) and float(shared.p.detach()) == 3.0
     assert shared.p.requires_grad and per_ch.p.requires_grad
     frozen = GeM(7, p=3.0, learn_p=False)
     assert not any(q.requires_grad for q in frozen.parameters())

@@ -18,6 +18,12 @@ from .norm import accumulation_dtype, l2_normalize, signed_power
 __all__ = ["assign", "netvlad", "netbof", "gmm_log_posteriors", "fisher_vector", "netfv"]
 
 
+def _left_multiply(matrix: Tensor, batch: Tensor) -> Tensor:
+    """``matrix`` (K, D) times every ``batch[b]`` (D, N) -> (B, K, N) as one batched GEMM on the (B, D, N) layout
+    (``torch.matmul`` would fold the batch and copy a transposed (B * N, D) operand)."""
+    return torch.bmm(matrix.unsqueeze(0).expand(batch.shape[0], -1, -1), batch)
+
+
 def assign(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], hard: bool = False,
            valid: Optional[Tensor] = None) -> Tensor:
     """Cluster assignment ``A`` (B, K, N) of descriptors (B, C, N) by a linear score ``w_k^T x + b_k``.
@@ -25,12 +31,15 @@ def assign(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], hard: bo
     Soft: ``softmax_k``; hard: one-hot of the arg-max (nearest centroid when ``w_k = 2 c_k``, ``b_k = -||c_k||^2``).
     ``valid`` (B, 1, N) zeroes the columns of masked positions.
     """
-    logits = torch.matmul(weight.to(descriptors.dtype), descriptors)
+    logits = _left_multiply(weight.to(descriptors.dtype), descriptors)
     if bias is not None:
         logits = logits + bias.to(descriptors.dtype).unsqueeze(-1)
     logits = accumulation_dtype(logits)
     if hard:
         assignment = F.one_hot(logits.argmax(dim=1), logits.shape[1]).transpose(1, 2).to(logits.dtype)
+        # arg-max silently picks a cluster for a NaN descriptor; keep the NaN visible instead
+        assignment = torch.where(torch.isnan(logits).any(dim=1, keepdim=True),
+                                 torch.full((), float("nan"), dtype=logits.dtype, device=logits.device), assignment)
     else:
         assignment = logits.softmax(dim=1)
     if valid is not None:
@@ -85,7 +94,7 @@ def gmm_log_posteriors(descriptors: Tensor, log_weights: Tensor, means: Tensor, 
     precision = torch.exp(-log_vars)
     quadratic_weight = torch.cat([-2.0 * means * precision, precision], dim=1)            # (K, 2C)
     constant = (means * means * precision + log_vars).sum(dim=1) + means.shape[1] * math.log(2 * math.pi)
-    log_likelihood = -0.5 * (torch.matmul(quadratic_weight, stacked) + constant.unsqueeze(-1))
+    log_likelihood = -0.5 * (_left_multiply(quadratic_weight, stacked) + constant.unsqueeze(-1))
     return (log_likelihood + torch.log_softmax(log_weights, dim=0).unsqueeze(-1)).log_softmax(dim=1)
 
 

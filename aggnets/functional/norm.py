@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["l2_normalize", "signed_power", "intra_normalize", "accumulation_dtype"]
@@ -16,8 +15,12 @@ def accumulation_dtype(x: Tensor) -> Tensor:
 
 
 def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
-    """``x / max(||x||_2, eps)`` along ``dim``; a zero vector stays zero with a finite gradient."""
-    return F.normalize(x, p=2.0, dim=dim, eps=eps)
+    """``x / max(||x||_2, eps)`` along ``dim``; a zero vector stays zero with a finite gradient.
+
+    Written as ``x * rsqrt(max(sum x^2, eps^2))``: the same value as ``F.normalize``, with a backward pass of three
+    element-wise sweeps instead of about eight (it matters on NetVLAD's (B, C, N) input normalisation).
+    """
+    return x * (x * x).sum(dim=dim, keepdim=True).clamp_min(eps * eps).rsqrt()
 
 
 def signed_power(x: Tensor, alpha: float | Tensor = 0.5, eps: float = 1e-12) -> Tensor:

@@ -82,9 +82,12 @@ class ConvAssignmentHead(PoolingHead):
     @classmethod
     def from_centroids(cls, centroids: Any, alpha: Optional[float] = None, scheme: str = "distance",
                        **kwargs: Any) -> "ConvAssignmentHead":
-        """Build the head from a (K, C) codebook (e.g. k-means centroids); ``alpha=float('inf')`` = hard."""
+        """Build the head from a (K, C) codebook (e.g. k-means centroids); ``alpha=float('inf')`` = hard.
+
+        The parameters take the centroids' floating dtype (float64 centroids give a float64 head).
+        """
         centroids = _as_centroids(centroids, cls.__name__)
-        head = cls(centroids.shape[1], centroids.shape[0], **kwargs)
+        head = cls(centroids.shape[1], centroids.shape[0], **kwargs).to(dtype=centroids.dtype)
         head.load_centroids(centroids, cls.default_alpha if alpha is None else alpha, scheme)
         return head
 

@@ -42,12 +42,17 @@ class NetFV(PoolingHead):
 
     @classmethod
     def from_gmm(cls, weights: Any, means: Any, variances: Any, **kwargs: Any) -> "NetFV":
-        """Build from a fitted diagonal GMM: ``weights`` (K,), ``means`` (K, C), ``variances`` (K, C) (sigma^2)."""
+        """Build from a fitted diagonal GMM: ``weights`` (K,), ``means`` (K, C), ``variances`` (K, C) (sigma^2).
+
+        float64 means give a float64 head; anything else float32.
+        """
         means = torch.as_tensor(means).detach()
         if means.dim() != 2 or 0 in means.shape:
             raise ValueError(f"{cls.__name__}.from_gmm: means must be a non-empty (K, C) matrix, "
                              f"got {tuple(means.shape)}")
         head = cls(means.shape[1], means.shape[0], **kwargs)
+        if means.dtype == torch.float64:
+            head = head.double()
         head.load_gmm(weights, means, variances)
         return head
 

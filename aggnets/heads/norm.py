@@ -82,6 +82,8 @@ class Whitening(nn.Linear):
         if projection.dim() != 2:
             raise ValueError(f"Whitening: projection must be (out, in), got shape {tuple(projection.shape)}")
         layer = cls(projection.shape[1], projection.shape[0], normalize)
+        if projection.dtype == torch.float64:
+            layer = layer.double()
         layer.load_mean_projection(mean, projection)
         return layer
 
