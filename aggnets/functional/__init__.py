@@ -4,11 +4,11 @@ from .codebook import assign, fisher_vector, gmm_log_posteriors, netbof, netfv, 
 from .masking import flatten_positions, map_valid_boxes, valid_boxes, zero_masked
 from .norm import accumulation_dtype, intra_normalize, l2_normalize, signed_power
 from .pooling import crow, gem, mac, spoc
-from .regions import region_pool, rmac, rmac_regions
+from .regions import region_max, region_sums, rmac, rmac_regions
 from .pyramid import pyramid_cells
 
 __all__ = [
     "accumulation_dtype", "assign", "check_feature_map", "crow", "fisher_vector", "flatten_positions", "gem",
     "gmm_log_posteriors", "intra_normalize", "l2_normalize", "mac", "map_valid_boxes", "netbof", "netfv", "netvlad",
-    "pyramid_cells", "region_pool", "rmac", "rmac_regions", "signed_power", "spoc", "valid_boxes", "zero_masked",
+    "pyramid_cells", "region_max", "region_sums", "rmac", "rmac_regions", "signed_power", "spoc", "valid_boxes", "zero_masked",
 ]

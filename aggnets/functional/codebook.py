@@ -36,15 +36,87 @@ def assign(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], hard: bo
         logits = logits + bias.to(descriptors.dtype).unsqueeze(-1)
     logits = accumulation_dtype(logits)
     if hard:
-        assignment = F.one_hot(logits.argmax(dim=1), logits.shape[1]).transpose(1, 2).to(logits.dtype)
-        # arg-max silently picks a cluster for a NaN descriptor; keep the NaN visible instead
-        assignment = torch.where(torch.isnan(logits).any(dim=1, keepdim=True),
-                                 torch.full((), float("nan"), dtype=logits.dtype, device=logits.device), assignment)
+        assignment = _hard_assignment(logits)
     else:
         assignment = logits.softmax(dim=1)
     if valid is not None:
         assignment = assignment * valid
     return assignment
+
+
+def _hard_assignment(logits: Tensor) -> Tensor:
+    assignment = F.one_hot(logits.argmax(dim=1), logits.shape[1]).transpose(1, 2).to(logits.dtype)
+    # arg-max silently picks a cluster for a NaN descriptor; keep the NaN visible instead
+    return torch.where(torch.isnan(logits).any(dim=1, keepdim=True),
+                       torch.full((), float("nan"), dtype=logits.dtype, device=logits.device), assignment)
+
+
+def _vlad_core_reference(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], centroids: Tensor,
+                         valid: Optional[Tensor], normalize_input: bool, hard: bool) -> Tensor:
+    """``V = A X^T - (A 1) c`` (B, K, C) with plain autograd (used for inference, autocast and as the reference)."""
+    if normalize_input:
+        descriptors = l2_normalize(descriptors, dim=1)
+    assignment = assign(descriptors, weight, bias, hard, valid)
+    vlad = torch.bmm(descriptors, assignment.transpose(1, 2)).transpose(1, 2)
+    return accumulation_dtype(vlad) - assignment.sum(dim=-1, keepdim=True) * centroids.to(assignment.dtype)
+
+
+class _VLADCore(torch.autograd.Function):
+    """``V = A X^T - (A 1) c`` with ``A = softmax(W X + b)`` on optionally L2-normalised ``X``, with a hand-written
+    backward: three GEMMs (one of them with the two right-hand sides stacked) and three element-wise sweeps over the
+    (B, C, N) descriptors, instead of autograd's ~15 sweeps. Same values and gradients as
+    :func:`_vlad_core_reference` (checked by gradcheck in the tests)."""
+
+    @staticmethod
+    def forward(ctx, descriptors, weight, bias, centroids, valid, normalize_input, hard):
+        inverse_norm = None
+        if normalize_input:
+            inverse_norm = torch.linalg.vector_norm(descriptors, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
+            descriptors = descriptors * inverse_norm
+        logits = _left_multiply(weight, descriptors)
+        if bias is not None:
+            logits = logits + bias.unsqueeze(-1)
+        assignment = _hard_assignment(logits) if hard else logits.softmax(dim=1)
+        if valid is not None:
+            assignment = assignment * valid
+        mass = assignment.sum(dim=-1, keepdim=True)                                        # (B, K, 1)
+        vlad = torch.bmm(descriptors, assignment.transpose(1, 2)).transpose(1, 2) - mass * centroids
+        ctx.save_for_backward(descriptors, inverse_norm, weight, centroids, assignment, mass)
+        ctx.hard, ctx.has_bias = hard, bias is not None
+        return vlad
+
+    @staticmethod
+    def backward(ctx, grad_vlad):
+        descriptors, inverse_norm, weight, centroids, assignment, mass = ctx.saved_tensors
+        needs_x, needs_w, needs_b, needs_c = ctx.needs_input_grad[:4]
+        grad_x = grad_w = grad_b = grad_c = None
+        if needs_c:
+            grad_c = -(mass * grad_vlad).sum(dim=0)
+        grad_logits = None
+        if not ctx.hard and (needs_x or needs_w or needs_b):
+            grad_assignment = torch.bmm(grad_vlad, descriptors) - (grad_vlad * centroids).sum(dim=-1, keepdim=True)
+            grad_logits = assignment * (grad_assignment - (assignment * grad_assignment).sum(dim=1, keepdim=True))
+            if needs_w:
+                grad_w = torch.bmm(grad_logits, descriptors.transpose(1, 2)).sum(dim=0)
+            if needs_b and ctx.has_bias:
+                grad_b = grad_logits.sum(dim=(0, 2))
+        if needs_x:
+            left = grad_vlad.transpose(1, 2)                                                 # (B, C, K)
+            right = assignment
+            if grad_logits is not None:
+                left = torch.cat([left, weight.t().unsqueeze(0).expand(left.shape[0], -1, -1)], dim=2)
+                right = torch.cat([assignment, grad_logits], dim=1)
+            grad_x = torch.bmm(left, right)                                                  # (B, C, N)
+            if inverse_norm is not None:
+                projection = (descriptors * grad_x).sum(dim=1, keepdim=True)
+                grad_x = torch.addcmul(grad_x, descriptors, projection, value=-1.0).mul_(inverse_norm)
+        return grad_x, grad_w, grad_b, grad_c, None, None, None
+
+
+def _needs_fast_backward(*tensors: Optional[Tensor]) -> bool:
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def netvlad(x: Tensor, weight: Tensor, bias: Optional[Tensor], centroids: Tensor, mask: Optional[Tensor] = None,
@@ -55,13 +127,16 @@ def netvlad(x: Tensor, weight: Tensor, bias: Optional[Tensor], centroids: Tensor
     ``V_k = sum_n a_k(x_n) (x_n - c_k)`` with ``a_k(x) = softmax_k(w_k^T x + b_k)`` (or its arg-max one-hot),
     optionally on L2-normalised inputs; then optional signed power, optional intra-normalisation (per-k L2), and L2 of
     the flattened (K * C) vector, k-major. ``weight`` (K, C), ``bias`` (K,) or None, ``centroids`` (K, C).
+    Training uses a hand-written backward (:class:`_VLADCore`); inference and autocast use plain autograd ops.
     """
     descriptors, valid, _ = flatten_positions(accumulation_dtype(x), mask)
-    if normalize_input:
-        descriptors = l2_normalize(descriptors, dim=1)
-    assignment = assign(descriptors, weight, bias, hard, valid)
-    vlad = torch.matmul(assignment, descriptors.transpose(1, 2))
-    vlad = accumulation_dtype(vlad) - assignment.sum(dim=-1, keepdim=True) * centroids.to(assignment.dtype)
+    dtype = descriptors.dtype
+    weight, centroids = weight.to(dtype), centroids.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    if _needs_fast_backward(descriptors, weight, bias, centroids):
+        vlad = _VLADCore.apply(descriptors, weight, bias, centroids, valid, normalize_input, hard)
+    else:
+        vlad = _vlad_core_reference(descriptors, weight, bias, centroids, valid, normalize_input, hard)
     if power is not None and power != 1:
         vlad = signed_power(vlad, power)
     if intra_norm:

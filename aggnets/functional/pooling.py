@@ -12,7 +12,13 @@ from torch import Tensor
 from .masking import flatten_positions, zero_masked
 from .norm import accumulation_dtype, signed_power
 
-__all__ = ["mac", "spoc", "gem", "crow"]
+__all__ = ["mac", "spoc", "gem", "crow", "clamped_power"]
+
+
+def clamped_power(x: Tensor, p: Tensor | float, eps: float) -> Tensor:
+    """``max(x, eps)^p`` as ``exp(p log max(x, eps))``: the same value, and a backward about twice as fast as
+    ``pow``'s when ``p`` is a trainable tensor."""
+    return torch.exp(p * torch.log(x.clamp(min=eps)))
 
 
 def mac(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -21,7 +27,8 @@ def mac(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     if mask is not None:
         flat = torch.where(mask.flatten(1).unsqueeze(1), flat, torch.full((), float("-inf"), dtype=x.dtype,
                                                                           device=x.device))
-    return accumulation_dtype(flat.amax(dim=-1))
+    # max() with indices: its backward is one scatter, amax's compares the whole map with the maximum
+    return accumulation_dtype(flat.max(dim=-1).values)
 
 
 def spoc(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -45,7 +52,7 @@ def gem(x: Tensor, p: Tensor | float = 3.0, eps: float = 1e-6, mask: Optional[Te
         inverse = 1.0 / (p.view(1, -1) if p.numel() > 1 else p.reshape(()))
     else:
         exponent, inverse = p, 1.0 / p
-    powered = zero_masked(x, mask).clamp(min=eps).pow(exponent)
+    powered = clamped_power(zero_masked(x, mask), exponent, eps)
     if mask is None:
         return powered.mean(dim=(-2, -1)).pow(inverse)
     flat, _, counts = flatten_positions(powered, mask)

@@ -10,8 +10,9 @@ from torch import Tensor
 
 from .masking import zero_masked
 from .norm import accumulation_dtype, l2_normalize
+from .pooling import clamped_power
 
-__all__ = ["rmac_regions", "rmac", "region_pool"]
+__all__ = ["rmac_regions", "rmac", "region_max", "region_sums"]
 
 Region = tuple[int, int, int]  # (top, left, size) of a square region
 
@@ -52,62 +53,119 @@ def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4)
     side and l + e along the long side, where e in 1..6 is chosen so that consecutive regions overlap by about
     ``overlap`` (40 %), as in the authors' MATLAB code. Scales whose side would be 0 are skipped.
     """
-    regions: list[Region] = []
+    return [(top, left, side) for side, _, tops, lefts in _scales(height, width, levels, overlap, False)
+            for top in tops for left in lefts]
+
+
+Interval = tuple[int, int]  # (start, size) along one axis
+
+
+def _scales(height: int, width: int, levels: int, overlap: float, include_global: bool
+            ) -> list[tuple[int, int, list[int], list[int]]]:
+    """Every scale as ``(side_h, side_w, tops, lefts)``; the regions are all (top, left) pairs of a scale."""
+    scales = [(height, width, [0], [0])] if include_global else []
     for level in range(1, levels + 1):
         side, tops, lefts = level_grid(height, width, level, overlap)
         if side > 0:
-            regions.extend((top, left, side) for top in tops for left in lefts)
-    return regions
+            scales.append((side, side, tops, lefts))
+    return scales
 
 
-def region_pool(x: Tensor, side_h: int, side_w: int, tops: list[int], lefts: list[int], pool: str) -> Tensor:
-    """Pool (max or sum) every ``side_h`` x ``side_w`` window at (tops x lefts) -> (B, C, len(tops) * len(lefts)).
+def _region_layout(scales) -> tuple[list[Interval], list[Interval], list[int], list[int]]:
+    """Distinct row and column intervals, and for each region the index of its row and column interval."""
+    rows: dict[Interval, int] = {}
+    cols: dict[Interval, int] = {}
+    region_rows, region_cols = [], []
+    for side_h, side_w, tops, lefts in scales:
+        for top in tops:
+            for left in lefts:
+                region_rows.append(rows.setdefault((top, side_h), len(rows)))
+                region_cols.append(cols.setdefault((left, side_w), len(cols)))
+    return list(rows), list(cols), region_rows, region_cols
 
-    Separable: a stride-1 pooling along W, keep the needed columns, then along H, keep the needed rows. No Python loop
-    over regions.
+
+def _indicator(length: int, intervals: list[Interval], like: Tensor) -> Tensor:
+    """(length, n) 0/1 matrix whose column j marks interval j."""
+    position = torch.arange(length, device=like.device).unsqueeze(1)
+    start = torch.tensor([a for a, _ in intervals], device=like.device)
+    size = torch.tensor([b for _, b in intervals], device=like.device)
+    return ((position >= start) & (position < start + size)).to(like.dtype)
+
+
+def region_sums(x: Tensor, rows: list[Interval], cols: list[Interval], region_rows: list[int],
+                region_cols: list[int]) -> Tensor:
+    """Sums of (B, C', H, W) over rectangular regions -> (B, C', R): two products with 0/1 interval matrices."""
+    height, width = x.shape[-2:]
+    per_col = torch.matmul(x, _indicator(width, cols, x))                                 # (B, C', H, nc)
+    per_cell = torch.matmul(_indicator(height, rows, x).t(), per_col)                       # (B, C', nr, nc)
+    index = torch.tensor(region_rows, device=x.device) * len(cols) + torch.tensor(region_cols, device=x.device)
+    return per_cell.flatten(2).index_select(-1, index)
+
+
+def _stride_and_index(offsets: list[int]) -> tuple[int, list[int]]:
+    """A pooling stride that lands on every offset, and the output positions to keep: the step itself when the
+    offsets are evenly spaced, else 1 (then the offsets themselves are kept)."""
+    if len(offsets) == 1:
+        return 1, [0]
+    step = offsets[1] - offsets[0]
+    if step > 0 and all(offset == offsets[0] + i * step for i, offset in enumerate(offsets)) and offsets[0] == 0:
+        return step, list(range(len(offsets)))
+    return 1, offsets
+
+
+def region_max(x: Tensor, scales: list[tuple[int, int, list[int], list[int]]]) -> Tensor:
+    """Max of (B, C, H, W) over every region of every scale -> (B, C, R), regions ordered as in the scales.
+
+    The arg-max of every region comes from one ``max_pool2d`` per scale (region size as kernel, region spacing as
+    stride; stride 1 plus a selection where the spacing is uneven) on a channels-last copy of the map, where pooling
+    vectorises over channels, without autograd. The maxima are then gathered from ``x``: the backward pass is a
+    single scatter into the map. No loop over regions.
     """
-    pool_fn = F.max_pool2d if pool == "max" else F.avg_pool2d
-    left_index = torch.tensor(lefts, device=x.device)
-    top_index = torch.tensor(tops, device=x.device)
-    cols = pool_fn(x, kernel_size=(1, side_w), stride=1).index_select(-1, left_index)
-    rows = pool_fn(cols, kernel_size=(side_h, 1), stride=1).index_select(-2, top_index)
-    pooled = rows.flatten(2)
-    if pool != "max":
-        pooled = pooled * float(side_h * side_w)
-    return pooled
+    with torch.no_grad():
+        channels_last = x.detach().contiguous(memory_format=torch.channels_last)
+        indices = []
+        for side_h, side_w, tops, lefts in scales:
+            stride_h, keep_h = _stride_and_index(tops)
+            stride_w, keep_w = _stride_and_index(lefts)
+            _, index = F.max_pool2d(channels_last, (side_h, side_w), stride=(stride_h, stride_w),
+                                    return_indices=True)
+            if keep_h != list(range(index.shape[2])):
+                index = index.index_select(2, torch.tensor(keep_h, device=x.device))
+            if keep_w != list(range(index.shape[3])):
+                index = index.index_select(3, torch.tensor(keep_w, device=x.device))
+            indices.append(index.flatten(2))
+        index = torch.cat(indices, dim=-1)
+    return x.flatten(2).gather(-1, index)
 
 
 def _regional_vectors(x: Tensor, mask: Optional[Tensor], levels: int, overlap: float, include_global: bool,
                       pool: str, p: Optional[Tensor], eps: float) -> Tensor:
     """(B, C, R) region vectors (max or GeM over each region), masked positions excluded."""
     height, width = x.shape[-2:]
-    scales = []
-    if include_global:
-        scales.append((height, width, [0], [0]))
-    for level in range(1, levels + 1):
-        side, tops, lefts = level_grid(height, width, level, overlap)
-        if side > 0:
-            scales.append((side, side, tops, lefts))
+    scales = _scales(height, width, levels, overlap, include_global)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if pool == "max":
         if mask is not None:
             x = torch.where(mask.unsqueeze(1), x, torch.full((), float("-inf"), dtype=x.dtype, device=x.device))
-        vectors = torch.cat([region_pool(x, sh, sw, t, l, "max") for sh, sw, t, l in scales], dim=-1)
+        vectors = region_max(x, scales)
         if mask is not None:  # a region with no valid position pools to -inf: it contributes nothing
-            vectors = torch.where(torch.isneginf(vectors), torch.zeros((), dtype=x.dtype, device=x.device), vectors)
+            vectors = torch.where(torch.isneginf(vectors), zero, vectors)
         return vectors
-    exponent = p.to(x.dtype).view(1, -1, 1, 1) if p is not None and p.numel() > 1 else p
-    powered = zero_masked(x, mask).clamp(min=eps).pow(exponent)
+    layout = _region_layout(scales)
+    exponent = p.to(x.dtype).view(1, -1, 1, 1) if p.numel() > 1 else p.to(x.dtype)
+    powered = clamped_power(zero_masked(x, mask), exponent, eps)
     if mask is not None:
         weights = mask.unsqueeze(1).to(x.dtype)
         powered = powered * weights
-        counts = torch.cat([region_pool(weights, sh, sw, t, l, "sum") for sh, sw, t, l in scales], dim=-1).round()
+        counts = region_sums(weights, *layout).round()
     else:
-        counts = torch.cat([torch.full((1, 1, len(t) * len(l)), float(sh * sw), dtype=x.dtype, device=x.device)
-                            for sh, sw, t, l in scales], dim=-1)
-    sums = torch.cat([region_pool(powered, sh, sw, t, l, "sum") for sh, sw, t, l in scales], dim=-1)
+        rows, cols, region_rows, region_cols = layout
+        counts = torch.tensor([[[rows[r][1] * cols[c][1] for r, c in zip(region_rows, region_cols)]]],
+                              dtype=x.dtype, device=x.device)
+    sums = region_sums(powered, *layout)
     inverse = 1.0 / (p.to(x.dtype).view(1, -1, 1) if p.numel() > 1 else p.to(x.dtype))
     means = sums / counts.clamp(min=1)
-    return torch.where(counts > 0, means.clamp(min=0).pow(inverse), torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(counts > 0, means.clamp(min=0).pow(inverse), zero)
 
 
 def rmac(x: Tensor, mask: Optional[Tensor] = None, levels: int = 3, overlap: float = 0.4,
