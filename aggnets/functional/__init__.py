@@ -1,6 +1,7 @@
 """Pure functions behind :mod:`aggnets.heads`: usable on any (B, C, H, W) feature map without building a module."""
 from .checks import check_feature_map
-from .codebook import assign, fisher_vector, gmm_log_posteriors, netbof, netfv, netvlad
+from .codebook import (assign, assignment_statistics, fisher_vector, gmm_assignment, gmm_log_posteriors, netbof,
+                       netfv, netvlad)
 from .masking import flatten_positions, map_valid_boxes, valid_boxes, zero_masked
 from .norm import accumulation_dtype, intra_normalize, l2_normalize, signed_power
 from .pooling import crow, gem, mac, spoc
@@ -8,7 +9,7 @@ from .regions import region_max, region_sums, rmac, rmac_regions
 from .pyramid import pyramid_cells
 
 __all__ = [
-    "accumulation_dtype", "assign", "check_feature_map", "crow", "fisher_vector", "flatten_positions", "gem",
+    "accumulation_dtype", "assign", "assignment_statistics", "gmm_assignment", "check_feature_map", "crow", "fisher_vector", "flatten_positions", "gem",
     "gmm_log_posteriors", "intra_normalize", "l2_normalize", "mac", "map_valid_boxes", "netbof", "netfv", "netvlad",
     "pyramid_cells", "region_max", "region_sums", "rmac", "rmac_regions", "signed_power", "spoc", "valid_boxes", "zero_masked",
 ]

@@ -15,7 +15,8 @@ from torch import Tensor
 from .masking import flatten_positions
 from .norm import accumulation_dtype, l2_normalize, signed_power
 
-__all__ = ["assign", "netvlad", "netbof", "gmm_log_posteriors", "fisher_vector", "netfv"]
+__all__ = ["assign", "assignment_statistics", "netvlad", "netbof", "gmm_assignment", "gmm_log_posteriors",
+           "fisher_vector", "netfv"]
 
 
 def _left_multiply(matrix: Tensor, batch: Tensor) -> Tensor:
@@ -51,72 +52,100 @@ def _hard_assignment(logits: Tensor) -> Tensor:
                        torch.full((), float("nan"), dtype=logits.dtype, device=logits.device), assignment)
 
 
-def _vlad_core_reference(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], centroids: Tensor,
-                         valid: Optional[Tensor], normalize_input: bool, hard: bool) -> Tensor:
-    """``V = A X^T - (A 1) c`` (B, K, C) with plain autograd (used for inference, autocast and as the reference)."""
+def _statistics_reference(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], valid: Optional[Tensor],
+                          normalize_input: bool, hard: bool, with_squares: bool) -> tuple[Tensor, Tensor]:
+    """Plain-autograd :class:`_AssignmentStatistics` (used for inference and autocast, and as its reference)."""
     if normalize_input:
         descriptors = l2_normalize(descriptors, dim=1)
+    if with_squares:
+        descriptors = torch.cat([descriptors, descriptors * descriptors], dim=1)
     assignment = assign(descriptors, weight, bias, hard, valid)
-    vlad = torch.bmm(descriptors, assignment.transpose(1, 2)).transpose(1, 2)
-    return accumulation_dtype(vlad) - assignment.sum(dim=-1, keepdim=True) * centroids.to(assignment.dtype)
+    statistics = torch.bmm(descriptors, assignment.transpose(1, 2)).transpose(1, 2)
+    return assignment.sum(dim=-1), accumulation_dtype(statistics)
 
 
-class _VLADCore(torch.autograd.Function):
-    """``V = A X^T - (A 1) c`` with ``A = softmax(W X + b)`` on optionally L2-normalised ``X``, with a hand-written
-    backward: three GEMMs (one of them with the two right-hand sides stacked) and three element-wise sweeps over the
-    (B, C, N) descriptors, instead of autograd's ~15 sweeps. Same values and gradients as
-    :func:`_vlad_core_reference` (checked by gradcheck in the tests)."""
+class _AssignmentStatistics(torch.autograd.Function):
+    """Zeroth and first order statistics of a soft (or hard) assignment: ``mass = A 1`` (B, K) and
+    ``stats = A Z^T`` (B, K, D) with ``A = softmax_k(W Z + b)`` (masked columns zeroed), where ``Z`` is the
+    descriptors, optionally L2-normalised, optionally stacked with their squares ``[X; X^2]`` (Fisher vectors).
+
+    Hand-written backward: three GEMMs (the two right-hand sides of ``dZ = [dS^T | W^T] [A; dL]`` stacked into one)
+    and a few element-wise sweeps over the (B, C, N) descriptors, instead of autograd's gradient accumulations and
+    normalisation graph. Values and gradients equal :func:`_statistics_reference` (gradcheck in the tests).
+    """
 
     @staticmethod
-    def forward(ctx, descriptors, weight, bias, centroids, valid, normalize_input, hard):
+    def forward(ctx, descriptors, weight, bias, valid, normalize_input, hard, with_squares):
         inverse_norm = None
         if normalize_input:
             inverse_norm = torch.linalg.vector_norm(descriptors, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
             descriptors = descriptors * inverse_norm
-        logits = _left_multiply(weight, descriptors)
+        stacked = torch.cat([descriptors, descriptors * descriptors], dim=1) if with_squares else descriptors
+        logits = _left_multiply(weight, stacked)
         if bias is not None:
             logits = logits + bias.unsqueeze(-1)
         assignment = _hard_assignment(logits) if hard else logits.softmax(dim=1)
         if valid is not None:
             assignment = assignment * valid
-        mass = assignment.sum(dim=-1, keepdim=True)                                        # (B, K, 1)
-        vlad = torch.bmm(descriptors, assignment.transpose(1, 2)).transpose(1, 2) - mass * centroids
-        ctx.save_for_backward(descriptors, inverse_norm, weight, centroids, assignment, mass)
-        ctx.hard, ctx.has_bias = hard, bias is not None
-        return vlad
+        statistics = torch.bmm(stacked, assignment.transpose(1, 2)).transpose(1, 2)
+        ctx.save_for_backward(stacked, inverse_norm, weight, assignment)
+        ctx.hard, ctx.has_bias, ctx.with_squares = hard, bias is not None, with_squares
+        mass = assignment.sum(dim=-1)
+        if hard:
+            ctx.mark_non_differentiable(mass)
+        return mass, statistics
 
     @staticmethod
-    def backward(ctx, grad_vlad):
-        descriptors, inverse_norm, weight, centroids, assignment, mass = ctx.saved_tensors
-        needs_x, needs_w, needs_b, needs_c = ctx.needs_input_grad[:4]
-        grad_x = grad_w = grad_b = grad_c = None
-        if needs_c:
-            grad_c = -(mass * grad_vlad).sum(dim=0)
+    def backward(ctx, grad_mass, grad_statistics):
+        stacked, inverse_norm, weight, assignment = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        batch = stacked.shape[0]
+        if grad_mass is None:
+            grad_mass = torch.zeros(assignment.shape[:2], dtype=assignment.dtype, device=assignment.device)
+        if grad_statistics is None:
+            grad_statistics = torch.zeros(batch, assignment.shape[1], stacked.shape[1], dtype=stacked.dtype,
+                                          device=stacked.device)
         grad_logits = None
         if not ctx.hard and (needs_x or needs_w or needs_b):
-            grad_assignment = torch.bmm(grad_vlad, descriptors) - (grad_vlad * centroids).sum(dim=-1, keepdim=True)
+            grad_assignment = torch.bmm(grad_statistics, stacked) + grad_mass.unsqueeze(-1)
             grad_logits = assignment * (grad_assignment - (assignment * grad_assignment).sum(dim=1, keepdim=True))
             if needs_w:
-                grad_w = torch.bmm(grad_logits, descriptors.transpose(1, 2)).sum(dim=0)
+                grad_w = torch.bmm(grad_logits, stacked.transpose(1, 2)).sum(dim=0)
             if needs_b and ctx.has_bias:
                 grad_b = grad_logits.sum(dim=(0, 2))
         if needs_x:
-            left = grad_vlad.transpose(1, 2)                                                 # (B, C, K)
-            right = assignment
+            left, right = grad_statistics.transpose(1, 2), assignment                     # (B, D, K), (B, K, N)
             if grad_logits is not None:
-                left = torch.cat([left, weight.t().unsqueeze(0).expand(left.shape[0], -1, -1)], dim=2)
+                left = torch.cat([left, weight.t().unsqueeze(0).expand(batch, -1, -1)], dim=2)
                 right = torch.cat([assignment, grad_logits], dim=1)
-            grad_x = torch.bmm(left, right)                                                  # (B, C, N)
+            grad_x = torch.bmm(left, right)                                                # (B, D, N)
+            if ctx.with_squares:
+                channels = stacked.shape[1] // 2
+                descriptors = stacked[:, :channels]
+                grad_x = torch.addcmul(grad_x[:, :channels], descriptors, grad_x[:, channels:], value=2.0)
+            else:
+                descriptors = stacked
             if inverse_norm is not None:
                 projection = (descriptors * grad_x).sum(dim=1, keepdim=True)
                 grad_x = torch.addcmul(grad_x, descriptors, projection, value=-1.0).mul_(inverse_norm)
-        return grad_x, grad_w, grad_b, grad_c, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _needs_fast_backward(*tensors: Optional[Tensor]) -> bool:
     if not torch.is_grad_enabled() or torch.is_autocast_enabled():
         return False
     return any(t is not None and t.requires_grad for t in tensors)
+
+
+def assignment_statistics(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], valid: Optional[Tensor] = None,
+                          normalize_input: bool = False, hard: bool = False, with_squares: bool = False
+                          ) -> tuple[Tensor, Tensor]:
+    """``(A 1, A Z^T)`` for descriptors (B, C, N): see :class:`_AssignmentStatistics`. Training uses the hand-written
+    backward; inference and autocast use plain autograd ops with the same values."""
+    if _needs_fast_backward(descriptors, weight, bias):
+        return _AssignmentStatistics.apply(descriptors, weight, bias, valid, normalize_input, hard, with_squares)
+    return _statistics_reference(descriptors, weight, bias, valid, normalize_input, hard, with_squares)
 
 
 def netvlad(x: Tensor, weight: Tensor, bias: Optional[Tensor], centroids: Tensor, mask: Optional[Tensor] = None,
@@ -127,16 +156,13 @@ def netvlad(x: Tensor, weight: Tensor, bias: Optional[Tensor], centroids: Tensor
     ``V_k = sum_n a_k(x_n) (x_n - c_k)`` with ``a_k(x) = softmax_k(w_k^T x + b_k)`` (or its arg-max one-hot),
     optionally on L2-normalised inputs; then optional signed power, optional intra-normalisation (per-k L2), and L2 of
     the flattened (K * C) vector, k-major. ``weight`` (K, C), ``bias`` (K,) or None, ``centroids`` (K, C).
-    Training uses a hand-written backward (:class:`_VLADCore`); inference and autocast use plain autograd ops.
     """
     descriptors, valid, _ = flatten_positions(accumulation_dtype(x), mask)
     dtype = descriptors.dtype
     weight, centroids = weight.to(dtype), centroids.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
-    if _needs_fast_backward(descriptors, weight, bias, centroids):
-        vlad = _VLADCore.apply(descriptors, weight, bias, centroids, valid, normalize_input, hard)
-    else:
-        vlad = _vlad_core_reference(descriptors, weight, bias, centroids, valid, normalize_input, hard)
+    mass, first = assignment_statistics(descriptors, weight, bias, valid, normalize_input, hard)
+    vlad = first - mass.unsqueeze(-1) * centroids
     if power is not None and power != 1:
         vlad = signed_power(vlad, power)
     if intra_norm:
@@ -157,33 +183,33 @@ def netbof(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Ten
     return assign(descriptors, weight, bias, hard, valid).sum(dim=-1) / counts
 
 
-def gmm_log_posteriors(descriptors: Tensor, log_weights: Tensor, means: Tensor, log_vars: Tensor,
-                       stacked: Optional[Tensor] = None) -> Tensor:
-    """Log-posteriors ``log gamma_n(k)`` (B, K, N) of a diagonal GMM for descriptors (B, C, N).
-
-    ``log_weights`` (K,) are normalised with log-softmax; ``means``, ``log_vars`` (K, C). The quadratic form
-    ``sum_c (x_c - mu_kc)^2 / s_kc^2`` is expanded into one matrix product with ``stacked = [X; X^2]`` (B, 2C, N).
+def gmm_assignment(log_weights: Tensor, means: Tensor, log_vars: Tensor) -> tuple[Tensor, Tensor]:
+    """The diagonal-GMM posterior as a linear score on ``[X; X^2]``: ``log gamma_n(k) = log_softmax_k(W [x; x^2] + b)``
+    with ``W = [mu / s^2, -1 / (2 s^2)]`` (K, 2C) and ``b_k = log w_k - (1/2) sum_c (mu^2 / s^2 + log s^2 + log 2 pi)``.
     """
-    if stacked is None:
-        stacked = torch.cat([descriptors, descriptors * descriptors], dim=1)
     precision = torch.exp(-log_vars)
-    quadratic_weight = torch.cat([-2.0 * means * precision, precision], dim=1)            # (K, 2C)
+    weight = torch.cat([means * precision, -0.5 * precision], dim=1)
     constant = (means * means * precision + log_vars).sum(dim=1) + means.shape[1] * math.log(2 * math.pi)
-    log_likelihood = -0.5 * (_left_multiply(quadratic_weight, stacked) + constant.unsqueeze(-1))
-    return (log_likelihood + torch.log_softmax(log_weights, dim=0).unsqueeze(-1)).log_softmax(dim=1)
+    return weight, torch.log_softmax(log_weights, dim=0) - 0.5 * constant
 
 
-def fisher_vector(stacked: Tensor, posteriors: Tensor, counts: Tensor, log_weights: Tensor, means: Tensor,
+def gmm_log_posteriors(descriptors: Tensor, log_weights: Tensor, means: Tensor, log_vars: Tensor) -> Tensor:
+    """Log-posteriors ``log gamma_n(k)`` (B, K, N) of a diagonal GMM (``log_weights`` normalised by log-softmax,
+    ``means``, ``log_vars`` (K, C)) for descriptors (B, C, N)."""
+    weight, bias = gmm_assignment(log_weights, means, log_vars)
+    stacked = torch.cat([descriptors, descriptors * descriptors], dim=1)
+    return (_left_multiply(weight, stacked) + bias.unsqueeze(-1)).log_softmax(dim=1)
+
+
+def fisher_vector(zeroth: Tensor, first: Tensor, second: Tensor, counts: Tensor, log_weights: Tensor, means: Tensor,
                   log_vars: Tensor) -> Tensor:
     """Fisher vector gradients ``[G^mu, G^sigma]`` (B, 2, K, C) (Perronnin & Dance 2007; Perronnin et al. 2010).
 
     ``G^mu_k = 1/(N sqrt(w_k)) sum_n gamma_n(k) (x_n - mu_k) / sigma_k``,
-    ``G^sigma_k = 1/(N sqrt(2 w_k)) sum_n gamma_n(k) [(x_n - mu_k)^2 / sigma_k^2 - 1]``, from the zeroth, first and
-    second order statistics ``S0 = gamma 1``, ``[S1, S2] = gamma [X; X^2]^T`` (one matrix product).
+    ``G^sigma_k = 1/(N sqrt(2 w_k)) sum_n gamma_n(k) [(x_n - mu_k)^2 / sigma_k^2 - 1]``, from the posterior
+    statistics ``zeroth = sum_n gamma`` (B, K), ``first = sum_n gamma x``, ``second = sum_n gamma x^2`` (B, K, C).
     """
-    channels = means.shape[1]
-    zeroth = posteriors.sum(dim=-1).unsqueeze(-1)                                          # (B, K, 1)
-    first, second = torch.matmul(posteriors, stacked.transpose(1, 2)).split(channels, dim=-1)
+    zeroth = zeroth.unsqueeze(-1)
     precision = torch.exp(-log_vars)
     weights = torch.softmax(log_weights, dim=0).unsqueeze(-1)                              # (K, 1)
     scale = 1.0 / (counts.unsqueeze(-1) * weights.sqrt())                                  # (B, K, 1)
@@ -198,18 +224,18 @@ def netfv(x: Tensor, log_weights: Tensor, means: Tensor, log_vars: Tensor, mask:
 
     Improved FV (Perronnin et al., ECCV 2010): signed power (``power``, 0.5 = signed square root) then L2 of the
     flattened ``[G^mu; G^sigma]`` (2 * K * C). Differentiable in the input and in every GMM parameter (NetFV).
-    Runs in float32 (or float64) even under autocast: the expanded quadratic forms cancel badly in half precision.
+    The posterior is a softmax of a linear score on ``[X; X^2]`` (:func:`gmm_assignment`), so the statistics are the
+    same two GEMMs as NetVLAD's, with 2C rows. Runs in float32 (or float64) even under autocast: the expanded
+    quadratic forms cancel badly in half precision.
     """
-    device_type = x.device.type
-    with torch.autocast(device_type=device_type, enabled=False):
+    with torch.autocast(device_type=x.device.type, enabled=False):
         descriptors, valid, counts = flatten_positions(accumulation_dtype(x), mask)
         dtype = descriptors.dtype
         log_weights, means, log_vars = log_weights.to(dtype), means.to(dtype), log_vars.to(dtype)
-        stacked = torch.cat([descriptors, descriptors * descriptors], dim=1)
-        posteriors = gmm_log_posteriors(descriptors, log_weights, means, log_vars, stacked).exp()
-        if valid is not None:
-            posteriors = posteriors * valid
-        fv = fisher_vector(stacked, posteriors, counts, log_weights, means, log_vars).flatten(1)
+        weight, bias = gmm_assignment(log_weights, means, log_vars)
+        zeroth, statistics = assignment_statistics(descriptors, weight, bias, valid, with_squares=True)
+        first, second = statistics.split(means.shape[1], dim=-1)
+        fv = fisher_vector(zeroth, first, second, counts, log_weights, means, log_vars).flatten(1)
         if power is not None and power != 1:
             fv = signed_power(fv, power)
         return l2_normalize(fv, dim=-1)
