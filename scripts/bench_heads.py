@@ -112,10 +112,13 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
     x = torch.relu(torch.randn(args.batch, args.channels, args.size, args.size, device=device)).requires_grad_()
     grad = None
 
+    differentiable = head(x[:1]).requires_grad  # False for hard-assignment BoF: no gradient to time
+
     def step() -> None:
         nonlocal grad
         y = head(x)
-        y.backward(torch.ones_like(y) if grad is None else grad)
+        if differentiable:
+            y.backward(torch.ones_like(y) if grad is None else grad)
         x.grad = None
         head.zero_grad(set_to_none=True)
 
@@ -137,7 +140,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         sync()
         times.append(time.perf_counter() - start)
     return {"case": name, "ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
-            "peak_mb": max(peak, 0) / 2**20, "out_dim": head.out_dim}
+            "peak_mb": max(peak, 0) / 2**20, "out_dim": head.out_dim, "backward": differentiable}
 
 
 def gemm_rate(device: str, n: int = 2048, repeats: int = 5) -> float:
@@ -194,7 +197,7 @@ def main() -> None:
             continue
         result = json.loads(done.stdout.strip().splitlines()[-1])
         results[name] = result
-        note = ""
+        note = "" if result["backward"] else "forward only (piecewise-constant output, no gradient)"
         if name in floors:
             note = f"{result['ms'] / (1e3 * floors[name] / rate):.2f}x floor"
         if name == "netfv" and "netvlad" in results:
