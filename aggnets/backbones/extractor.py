@@ -1,0 +1,129 @@
+"""The backbone wrapper: a truncated CNN that returns one layer's (B, C, H, W) feature map."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FeatureExtractor", "FreezeSpec"]
+
+FreezeSpec = Union[bool, str, Sequence[str], None]
+_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+class FeatureExtractor(nn.Module):
+    """A CNN truncated after ``layer``: images (B, 3, H, W) -> feature map (B, out_channels, H', W').
+
+    ``out_channels`` and ``stride`` (input pixels per feature-map cell, so ``H' ~ ceil(H / stride)``) are known at
+    construction, so a head can be built from the backbone alone. ``mean`` / ``std`` are the input normalisation
+    constants of the weights, for images scaled to [0, 1]; with ``normalize_input=True`` the forward applies them, so
+    callers feed [0, 1] RGB images; with False, callers normalise (``backbone.normalize(x)``).
+
+    ``freeze``: True freezes everything; a module name freezes every module up to and including it (in execution
+    order); a list of names freezes those modules. Frozen parameters get ``requires_grad=False`` and frozen
+    normalisation layers stay in eval mode under ``.train()`` (their running statistics do not move).
+    """
+
+    def __init__(self, body: nn.Module, *, name: str, layer: str, out_channels: int, stride: int,
+                 mean: Sequence[float], std: Sequence[float], normalize_input: bool = True,
+                 freeze: FreezeSpec = False, output_key: Optional[str] = None) -> None:
+        super().__init__()
+        self.body = body
+        self.name = name
+        self.layer = layer
+        self.out_channels = int(out_channels)
+        self.stride = int(stride)
+        self.normalize_input = normalize_input
+        self._output_key = output_key
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self._frozen_modules: list[str] = []
+        self.freeze(freeze)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """``(images - mean) / std`` for [0, 1] images."""
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor):
+            raise TypeError(f"{self.name}: images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != self.mean.shape[1]:
+            raise ValueError(f"{self.name}: images must have shape (B, {self.mean.shape[1]}, H, W), "
+                             f"got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"{self.name}: images must be floating point (scaled to [0, 1]), got {images.dtype}")
+        if self.normalize_input:
+            images = self.normalize(images)
+        out = self.body(images)
+        return out[self._output_key] if self._output_key is not None else out
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The feature-map size for an input of ``height`` x ``width`` (measured by a forward on the meta device
+        is not portable, so this runs a real forward at no-grad on a zero image; cost: one small inference)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                param = next(self.parameters(), None)
+                device = param.device if param is not None else None
+                out = self(torch.zeros(1, self.mean.shape[1], height, width, device=device))
+        finally:
+            self.train(was_training)
+        return int(out.shape[-2]), int(out.shape[-1])
+
+    # ---- freezing -------------------------------------------------------------------------------------------
+    def freeze(self, spec: FreezeSpec = True) -> "FeatureExtractor":
+        """Freeze all (``True``), up to a module (``"layer2"``) or the listed modules (see the class docstring)."""
+        names = self._modules_to_freeze(spec)
+        for module_name in names:
+            module = self.body.get_submodule(module_name) if module_name else self.body
+            module.requires_grad_(False)
+        self._frozen_modules = sorted(set(self._frozen_modules) | set(names))
+        self.train(self.training)
+        return self
+
+    def unfreeze(self) -> "FeatureExtractor":
+        """Make every parameter trainable again."""
+        self.body.requires_grad_(True)
+        self._frozen_modules = []
+        self.train(self.training)
+        return self
+
+    @property
+    def frozen_modules(self) -> list[str]:
+        return list(self._frozen_modules)
+
+    def _modules_to_freeze(self, spec: FreezeSpec) -> list[str]:
+        if spec is None or spec is False:
+            return []
+        if spec is True or spec == "all":
+            return [""]
+        if isinstance(spec, str):
+            prefix = self._check_module_name(spec)
+            order = [name for name, _ in self.body.named_modules() if name]
+            last = max(i for i, n in enumerate(order) if n == prefix or n.startswith(prefix + "."))
+            chosen = order[: last + 1]
+            return [n for n in chosen if not any(n.startswith(p + ".") for p in chosen)]
+        return [self._check_module_name(s) for s in spec]
+
+    def _check_module_name(self, name: str) -> str:
+        modules = dict(self.body.named_modules())
+        if name not in modules:
+            from .factory import close_names
+            raise ValueError(f"{self.name}: cannot freeze unknown module {name!r}. {close_names(name, modules)}")
+        return name
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        super().train(mode)
+        if mode:
+            for module_name in self._frozen_modules:
+                module = self.body.get_submodule(module_name) if module_name else self.body
+                for sub in module.modules():
+                    if isinstance(sub, _NORM_LAYERS):
+                        sub.eval()
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, layer={self.layer!r}, out_channels={self.out_channels}, stride={self.stride}, "
+                f"normalize_input={self.normalize_input}, frozen={self._frozen_modules or None}")
