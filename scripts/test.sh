@@ -4,5 +4,6 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_env.sh"
+bash "$root/scripts/setup_data.sh"
 cd "$root"
 exec "${AGGNETS_VENV:-$root/.venv}/bin/python" -m pytest tests "$@"
