@@ -1,8 +1,8 @@
 """aggnets: end-to-end trainable pooling heads (NetVLAD, NetBoF, NetFV, GeM, R-MAC, MAC, SPoC, CroW, spatial pyramids)
 and the classical encoders they generalise (BoF, VLAD, Fisher vectors), as plain ``nn.Module``s."""
-from . import functional, heads
+from . import backbones, codebook, data, functional, heads
 from .registry import build_head, get_head_class, list_heads, register_head
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "functional", "heads", "build_head", "get_head_class", "list_heads", "register_head"]
+__all__ = ["__version__", "backbones", "codebook", "data", "functional", "heads", "build_head", "get_head_class", "list_heads", "register_head"]

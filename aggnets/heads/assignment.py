@@ -97,6 +97,13 @@ class ConvAssignmentHead(PoolingHead):
                              f"{(self.num_clusters, self.in_channels)}, got {tuple(centroids.shape)}")
         self.set_assignment_from_centroids(centroids, float(alpha), scheme)
 
+    def init_from_descriptors(self, descriptors: Any, **kwargs: Any) -> dict:
+        """Fit this head's codebook to sampled local descriptors (N, C) and load it — see
+        :func:`aggnets.codebook.init_head_from_descriptors` for the options (k-means engine, ``scheme``,
+        ``alpha="auto"``). Returns a summary dict."""
+        from ..codebook.init import init_head_from_descriptors
+        return init_head_from_descriptors(self, descriptors, **kwargs)
+
     def _freeze_if_classical(self) -> None:
         if self.frozen:
             self.requires_grad_(False)

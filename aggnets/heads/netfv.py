@@ -75,6 +75,12 @@ class NetFV(PoolingHead):
         self.means.copy_(means)
         self.log_vars.copy_(torch.log(variances))
 
+    def init_from_descriptors(self, descriptors: Any, **kwargs: Any) -> dict:
+        """Fit this head's GMM (EM from a k-means start) to sampled local descriptors (N, C) and load it — see
+        :func:`aggnets.codebook.init_head_from_descriptors` for the options (engine, iterations). Returns a summary dict."""
+        from ..codebook.init import init_head_from_descriptors
+        return init_head_from_descriptors(self, descriptors, **kwargs)
+
     @property
     def weights(self) -> Tensor:
         return torch.softmax(self.log_weights, dim=0)

@@ -61,5 +61,12 @@ class SpatialPyramid(PoolingHead):
             return self._encode(x, None)
         return AF.map_valid_boxes(self._encode, x, mask)
 
+    def init_from_descriptors(self, descriptors: Any, **kwargs: Any) -> dict:
+        """Initialise the wrapped codebook head from descriptors (one codebook shared by all cells, as in
+        Lazebnik et al.)."""
+        if not hasattr(self.head, "init_from_descriptors"):
+            raise TypeError(f"SpatialPyramid: the wrapped {type(self.head).__name__} has no codebook to initialise")
+        return self.head.init_from_descriptors(descriptors, **kwargs)
+
     def _options(self) -> list[str]:
         return [f"levels={self.levels}"]
