@@ -153,6 +153,17 @@ def test_fisher_heads_init_from_gmm(cls):
     assert head.means.requires_grad == (cls is heads.NetFV)
 
 
+def test_netfv_with_a_kmeans_only_engine_starts_em_from_it():
+    pytest.importorskip("faiss")
+    x = clustered().float()
+    head = heads.NetFV(8, 4)
+    summary = head.init_from_descriptors(x, engine="faiss", iters=20)
+    start = fit_kmeans(x, 4, engine="faiss", seed=0)
+    gmm = fit_gmm(x, 4, init=start, iters=20, seed=0)
+    assert summary["engine"] == "torch"
+    torch.testing.assert_close(head.means.detach(), gmm.means)
+
+
 def test_pyramid_delegates_to_its_codebook_head():
     x = clustered().float()
     pyramid = heads.SpatialPyramid(heads.BoF(8, 4), levels=(1, 2))

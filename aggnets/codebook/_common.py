@@ -161,3 +161,15 @@ def generator(seed: int) -> torch.Generator:
 
 def log_2pi() -> float:
     return math.log(2.0 * math.pi)
+
+
+def check_fit_arguments(engine: str, valid: tuple[str, ...], what: str, distributed: bool | None, iters: Any) -> bool:
+    """Validate the arguments every fitting function shares; returns whether to run data-parallel."""
+    from . import distributed as D
+    check_engine(engine, valid, what)
+    dist_on = D.resolve_distributed(distributed)
+    if dist_on and engine != "torch":
+        raise ValueError(f"distributed fitting is only supported by engine='torch', got engine={engine!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    return dist_on

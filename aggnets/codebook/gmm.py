@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from . import distributed as D
-from ._common import (as_descriptors, check_engine, check_k, chunks, cluster_sums, default_chunk_size, optional_import,
-                      progress_bar, result_dtype, timer, validated)
+from ._common import (as_descriptors, check_fit_arguments, check_k, chunks, cluster_sums, default_chunk_size,
+                      optional_import, progress_bar, result_dtype, timer, validated)
 from .kmeans import KMeansResult, _checked_centroids, fit_kmeans
 
 __all__ = ["GMMResult", "fit_gmm", "gmm_log_likelihood", "GMM_ENGINES"]
@@ -222,12 +222,7 @@ def fit_gmm(x: Any, k: int, *, engine: str = "torch", iters: int = 100, tol: flo
     initialised): each rank passes its own shard; every EM step all-reduces the statistics, so all ranks hold the
     same parameters; the log-likelihood is global. Results are float64 if ``x`` is float64, else float32.
     """
-    check_engine(engine, GMM_ENGINES, "GMM")
-    dist_on = D.resolve_distributed(distributed)
-    if dist_on and engine != "torch":
-        raise ValueError(f"distributed fitting is only supported by engine='torch', got engine={engine!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    dist_on = check_fit_arguments(engine, GMM_ENGINES, "GMM", distributed, iters)
     if not reg_covar >= 0:
         raise ValueError(f"reg_covar must be >= 0, got {reg_covar!r}")
     if init is not None and not isinstance(init, KMeansResult):

@@ -72,7 +72,12 @@ def init_head_from_descriptors(head: nn.Module, descriptors: Any, *, scheme: Opt
     k = head.num_clusters
     iteration_kwargs = {} if iters is None else {"iters": iters}
     if isinstance(head, NetFV):
-        gmm = fit_gmm(descriptors, k, engine=engine, seed=seed, progress=progress, **iteration_kwargs, **fit_kwargs)
+        from .gmm import GMM_ENGINES
+        start = None
+        if engine not in GMM_ENGINES:  # a k-means-only engine (faiss): it gives the start, EM runs in torch
+            start = fit_kmeans(descriptors, k, engine=engine, seed=seed)
+        gmm = fit_gmm(descriptors, k, engine=engine if start is None else "torch", init=start, seed=seed,
+                      progress=progress, **iteration_kwargs, **fit_kwargs)
         head.load_gmm(gmm.weights, gmm.means, gmm.variances)
         return {"engine": gmm.engine, "log_likelihood": gmm.log_likelihood, "n_iter": gmm.n_iter,
                 "seconds": gmm.seconds}

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from . import distributed as D
-from ._common import (as_descriptors, check_engine, check_k, chunks, cluster_sums, default_chunk_size, generator,
+from ._common import (as_descriptors, check_fit_arguments, check_k, chunks, cluster_sums, default_chunk_size,
+                      generator,
                       optional_import, progress_bar, result_dtype, timer, validated)
 
 __all__ = ["KMeansResult", "fit_kmeans", "kmeans_inertia", "assign_nearest", "KMEANS_ENGINES"]
@@ -266,12 +267,7 @@ def fit_kmeans(x: Any, k: int, *, engine: str = "torch", iters: int = 25, seed: 
 
     ``inertia`` and ``counts`` are always computed over all given descriptors by the same chunked pass.
     """
-    check_engine(engine, KMEANS_ENGINES, "k-means")
-    dist_on = D.resolve_distributed(distributed)
-    if dist_on and engine != "torch":
-        raise ValueError(f"distributed fitting is only supported by engine='torch', got engine={engine!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    dist_on = check_fit_arguments(engine, KMEANS_ENGINES, "k-means", distributed, iters)
     if max_points_per_centroid is not None and max_points_per_centroid < 1:
         raise ValueError(f"max_points_per_centroid must be a positive int or None, got {max_points_per_centroid!r}")
     x, n_all = validated(x, dist_on)
