@@ -102,6 +102,15 @@ def test_freeze_all_keeps_batchnorm_statistics():
     torch.testing.assert_close(backbone.body.bn1.running_mean, before)
 
 
+def test_freeze_up_to_a_nested_module_leaves_the_rest_of_its_parent_trainable():
+    backbone = build_backbone("resnet18", "layer3", freeze="layer2.0")
+    trainable = {name.split(".")[0] + "." + name.split(".")[1] if name.startswith("layer") else name.split(".")[0]
+                 for name, p in backbone.body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2.1", "layer3.0", "layer3.1"}, trainable
+    lite = build_backbone("efficientnet_lite0", "blocks.2", freeze="blocks.1")
+    assert {n.split(".")[1] for n, p in lite.body.named_parameters() if p.requires_grad} == {"2"}
+
+
 def test_freeze_up_to_a_layer():
     backbone = build_backbone("resnet18", "layer3", freeze="layer1").train()
     trainable = {n.split(".")[0] for n, p in backbone.body.named_parameters() if p.requires_grad}

@@ -103,7 +103,8 @@ class FeatureExtractor(nn.Module):
             prefix = self._check_module_name(spec)
             order = [name for name, _ in self.body.named_modules() if name]
             last = max(i for i, n in enumerate(order) if n == prefix or n.startswith(prefix + "."))
-            chosen = order[: last + 1]
+            # everything registered up to the module, except its ancestors (freezing "blocks" would freeze them all)
+            chosen = [n for n in order[: last + 1] if not prefix.startswith(n + ".")]
             return [n for n in chosen if not any(n.startswith(p + ".") for p in chosen)]
         return [self._check_module_name(s) for s in spec]
 

@@ -1,6 +1,9 @@
-"""Datasets read from local files (no download at run time)."""
+"""Datasets read from local files (no download at run time), and the procedural Motifs dataset."""
 from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, find_fashion_mnist, load_fashion_mnist, stratified_indices
+from .folders import ImageFolderDataset, LandmarkDataset, image_transform
 from .idx import read_idx
+from .motifs import MOTIF_SHAPES, MotifDataset, motif_pairs
 
 __all__ = ["FashionMNIST", "FASHION_MNIST_CLASSES", "find_fashion_mnist", "load_fashion_mnist", "read_idx",
-           "stratified_indices"]
+           "stratified_indices", "ImageFolderDataset", "LandmarkDataset", "image_transform", "MotifDataset",
+           "MOTIF_SHAPES", "motif_pairs"]

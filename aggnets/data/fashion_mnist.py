@@ -68,6 +68,8 @@ def load_fashion_mnist(split: str = "train", root: Optional[str] = None) -> tupl
 class FashionMNIST(Dataset):
     """Fashion-MNIST as ``(image (channels, size, size) float in [0, 1], label)`` pairs.
 
+    ``split``: "train", "test", or "val" — ``val_size`` images held out of the 60k training images (stratified,
+    fixed by ``val_seed``), which "train" then excludes; with ``val_size=0`` (default) "train" is all 60k.
     ``image_size`` resizes (bilinear, antialiased) so that a CNN's deeper layers still have a spatial map;
     ``channels=3`` repeats the grey channel for RGB backbones; ``indices`` selects a subset (e.g. a stratified
     sample); ``transform`` is applied to the float tensor last.
@@ -76,8 +78,15 @@ class FashionMNIST(Dataset):
     classes = FASHION_MNIST_CLASSES
 
     def __init__(self, split: str = "train", root: Optional[str] = None, *, image_size: int = 28, channels: int = 3,
-                 indices: Optional[Sequence[int]] = None, transform: Optional[Callable[[Tensor], Tensor]] = None):
-        images, labels = load_fashion_mnist(split, root)
+                 indices: Optional[Sequence[int]] = None, transform: Optional[Callable[[Tensor], Tensor]] = None,
+                 val_size: int = 0, val_seed: int = 0):
+        if split == "val" and val_size <= 0:
+            raise ValueError("FashionMNIST: split='val' needs val_size > 0 (images held out of the training set)")
+        images, labels = load_fashion_mnist("test" if split == "test" else "train", root)
+        if split != "test" and val_size > 0:
+            held_out = stratified_indices(labels, per_class=-(-val_size // 10), seed=val_seed)[:val_size]
+            keep = held_out if split == "val" else np.setdiff1d(np.arange(len(labels)), held_out)
+            images, labels = images[keep], labels[keep]
         if indices is not None:
             indices = np.asarray(indices, dtype=np.int64)
             images, labels = images[indices], labels[indices]

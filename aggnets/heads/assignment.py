@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from .. import functional as AF
 from .base import PoolingHead, check_positive_int
 
 __all__ = ["ConvAssignmentHead"]
@@ -112,6 +113,18 @@ class ConvAssignmentHead(PoolingHead):
     def assign_weight(self) -> Tensor:
         """The assignment weight as a (K, C) matrix."""
         return self.assign.weight.flatten(1)
+
+    def assignment_map(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """The assignment ``a_k(x_n)`` (B, K, H, W) of every position of ``x`` (B, C, H, W), exactly as the forward
+        pass computes it: ``softmax_k(w_k^T x_n + b_k)`` (the arg-max one-hot when ``assignment="hard"``), on
+        L2-normalised ``x_n`` when ``normalize_input``. Columns of masked positions are all zero. Differentiable
+        (soft); float32 for half-precision inputs."""
+        AF.check_feature_map(x, mask, self.in_channels, type(self).__name__)
+        descriptors, valid, _ = AF.flatten_positions(AF.accumulation_dtype(x), mask)
+        if self.normalize_input:
+            descriptors = AF.l2_normalize(descriptors, dim=1)
+        assignment = AF.assign(descriptors, self.assign_weight, self.assign.bias, self.assignment == "hard", valid)
+        return assignment.unflatten(-1, x.shape[-2:])
 
     def _options(self) -> list[str]:
         return [f"num_clusters={self.num_clusters}", f"assignment={self.assignment!r}",

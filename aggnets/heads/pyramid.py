@@ -68,5 +68,14 @@ class SpatialPyramid(PoolingHead):
             raise TypeError(f"SpatialPyramid: the wrapped {type(self.head).__name__} has no codebook to initialise")
         return self.head.init_from_descriptors(descriptors, **kwargs)
 
+    def assignment_map(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """The wrapped head's per-position assignment (B, K, H, W) of the whole map: one codebook is shared by all
+        cells and a position's assignment does not depend on its cell. ``TypeError`` when the wrapped head has no
+        ``assignment_map`` (e.g. GeM)."""
+        if not hasattr(self.head, "assignment_map"):
+            raise TypeError(f"SpatialPyramid: the wrapped {type(self.head).__name__} has no assignment_map")
+        AF.check_feature_map(x, mask, self.in_channels, type(self).__name__)
+        return self.head.assignment_map(x, mask)
+
     def _options(self) -> list[str]:
         return [f"levels={self.levels}"]

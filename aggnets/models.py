@@ -1,0 +1,93 @@
+"""Model assembly: backbone -> pooling head -> optional projection -> descriptor, and a linear classifier on top.
+
+Plain ``nn.Module``s with no training framework, so they drop into anyone's code:
+
+>>> backbone = build_backbone("efficientnet_lite0", "blocks.4", weights="DEFAULT")
+>>> model = Embedder(backbone, lambda in_channels: NetVLAD(in_channels, 16), projection_dim=256)
+>>> model(images).shape  # (B, 256), L2-normalised
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+from torch import Tensor, nn
+
+from .functional.norm import l2_normalize
+
+__all__ = ["Embedder", "Classifier"]
+
+HeadSpec = Union[nn.Module, Callable[..., nn.Module]]
+
+
+def _out_channels(backbone: nn.Module) -> int:
+    channels = getattr(backbone, "out_channels", None)
+    if not isinstance(channels, int):
+        raise TypeError(f"Embedder: the backbone ({type(backbone).__name__}) must expose an int `out_channels` "
+                        f"(aggnets.backbones.build_backbone does); got {channels!r}")
+    return channels
+
+
+class Embedder(nn.Module):
+    """``f(image) = L2(P · head(backbone(image)))``: a global image descriptor of ``out_dim`` values.
+
+    ``head`` is a pooling head module, or a factory called as ``head(in_channels=backbone.out_channels)`` (e.g. a
+    ``functools.partial`` from a config), so the channel count never has to be written twice. ``projection_dim``
+    adds a linear layer (a learned whitening / dimensionality reduction); ``normalize`` L2-normalises the output
+    (retrieval); a classifier usually keeps it off.
+    """
+
+    def __init__(self, backbone: nn.Module, head: HeadSpec, *, projection_dim: Optional[int] = None,
+                 normalize: bool = True) -> None:
+        super().__init__()
+        in_channels = _out_channels(backbone)
+        if not isinstance(head, nn.Module):
+            head = head(in_channels=in_channels)
+        head_channels = getattr(head, "in_channels", in_channels)
+        if head_channels != in_channels:
+            raise ValueError(f"Embedder: the head expects {head_channels} channels but the backbone "
+                             f"({getattr(backbone, 'name', type(backbone).__name__)}) gives {in_channels}")
+        if not isinstance(getattr(head, "out_dim", None), int):
+            raise TypeError(f"Embedder: the head ({type(head).__name__}) must expose an int `out_dim`")
+        if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim <= 0):
+            raise ValueError(f"Embedder: projection_dim must be a positive int or None, got {projection_dim!r}")
+        self.backbone = backbone
+        self.head = head
+        self.projection = nn.Linear(head.out_dim, projection_dim) if projection_dim else None
+        self.normalize = normalize
+        self.out_dim = projection_dim or head.out_dim
+
+    def features(self, images: Tensor) -> Tensor:
+        """The backbone's (B, C, H, W) feature map (the head's input)."""
+        return self.backbone(images)
+
+    def forward(self, images: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """(B, 3, H, W) images [+ (B, h, w) feature-map mask] -> (B, out_dim) descriptors."""
+        descriptor = self.head(self.features(images), mask)
+        if self.projection is not None:
+            descriptor = self.projection(descriptor)
+        return l2_normalize(descriptor, dim=1) if self.normalize else descriptor
+
+
+class Classifier(nn.Module):
+    """``logits = W · BN(embedder(image)) + b``.
+
+    The batch norm (on by default) rescales L2-normalised codebook descriptors (entries ~ 1/sqrt(out_dim)) so that
+    a linear layer trains at a normal learning rate; ``dropout`` before the linear layer.
+    """
+
+    def __init__(self, embedder: Embedder, num_classes: int, *, batchnorm: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"Classifier: num_classes must be an int >= 2, got {num_classes!r}")
+        self.embedder = embedder
+        self.norm = nn.BatchNorm1d(embedder.out_dim) if batchnorm else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(embedder.out_dim, num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, images: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        return self.logits(self.embedder(images, mask))
+
+    def logits(self, embedding: Tensor) -> Tensor:
+        """Class scores (B, num_classes) of descriptors already computed by :attr:`embedder`."""
+        return self.fc(self.dropout(self.norm(embedding)))

@@ -1,0 +1,117 @@
+"""One training run from a composed config: build (data, backbone, head, task, callbacks, loggers, trainer), fit,
+test the best checkpoint, print where everything is."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, build, build_head, call
+
+__all__ = ["Run", "build_run", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """The objects of a run, built but not started."""
+    cfg: DictConfig
+    datamodule: L.LightningDataModule
+    task: L.LightningModule
+    trainer: Optional[L.Trainer] = None
+    callbacks: list = field(default_factory=list)
+    loggers: list = field(default_factory=list)
+
+
+def _group_items(cfg: DictConfig, key: str) -> list[tuple[str, Any]]:
+    node = cfg.get(key)
+    if node is None:
+        return []
+    if "_target_" in node:
+        return [(key, node)]
+    return [(f"{key}.{name}", sub) for name, sub in node.items() if sub is not None and "_target_" in sub]
+
+
+def check_output_dir(path: str) -> None:
+    """Fail before training, not after an epoch, when the output directory cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigError(f"paths.output_dir: cannot write to {path!r} ({error.strerror or error})") from error
+
+
+def build_run(cfg: DictConfig, *, with_trainer: bool = True) -> Run:
+    """Instantiate everything; the head's ``in_channels`` comes from the backbone."""
+    datamodule = build(cfg.data, "data")
+    backbone = build(cfg.backbone, "backbone")
+    head = build_head(cfg, backbone.out_channels)
+    task_factory = build(cfg.task, "task", partial=True)
+    task = call(task_factory, "task", cfg.task.get("_target_"), backbone=backbone, head=head)
+    run = Run(cfg=cfg, datamodule=datamodule, task=task)
+    if with_trainer:
+        run.callbacks = [build(node, key) for key, node in _group_items(cfg, "callbacks")]
+        run.loggers = [build(node, key) for key, node in _group_items(cfg, "logger")]
+        trainer_factory = build(cfg.trainer, "trainer", partial=True)
+        run.trainer = call(trainer_factory, "trainer", "lightning.pytorch.Trainer", callbacks=run.callbacks,
+                           logger=run.loggers or False)
+    return run
+
+
+def _tensorboard_dir(loggers: list) -> Optional[str]:
+    for logger in loggers:
+        if type(logger).__name__ == "TensorBoardLogger":
+            return logger.log_dir
+    return None
+
+
+def _metric_value(metrics: dict, name: Optional[str]) -> Optional[float]:
+    if name is None or name not in metrics:
+        return None
+    return float(metrics[name])
+
+
+def train(cfg: DictConfig) -> Optional[float]:
+    """Fit (resuming from ``ckpt_path`` when set), test the best checkpoint, print a summary; returns the value
+    of ``optimized_metric`` (for Hydra sweepers)."""
+    output_dir = cfg.paths.output_dir
+    check_output_dir(output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    run = build_run(cfg)
+    trainer = run.trainer
+    if trainer.is_global_zero:
+        log.info("model: %s", run.task.embedder.head)
+        OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=False)
+    trainer.fit(run.task, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.get("test", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        results = trainer.test(run.task, datamodule=run.datamodule, ckpt_path=best or None, weights_only=False)
+        for row in results:
+            metrics.update({k: float(v) for k, v in row.items()})
+    if trainer.is_global_zero:
+        _print_summary(cfg, trainer, metrics, output_dir, _tensorboard_dir(run.loggers))
+    return _metric_value(metrics, cfg.get("optimized_metric"))
+
+
+def _print_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict, output_dir: str,
+                   tensorboard_dir: Optional[str]) -> None:
+    shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/"))}
+    lines = ["", "=" * 72, "aggnets run finished"]
+    lines += [f"  {k:<24} {v:.4f}" for k, v in shown.items()]
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.best_model_path:
+        lines.append(f"  best checkpoint          {checkpoint.best_model_path}")
+    lines.append(f"  run directory            {os.path.abspath(output_dir)}")
+    if tensorboard_dir:
+        lines.append(f"  TensorBoard              tensorboard --logdir {os.path.abspath(tensorboard_dir)}")
+    lines.append("=" * 72)
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,221 @@
+"""LightningModules that wire an :class:`aggnets.Embedder` into a training task. They name no head or backbone:
+both arrive built (the head as a factory of ``in_channels``) from the Hydra config."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
+
+from aggnets.models import Classifier, Embedder
+
+__all__ = ["EmbeddingTask", "ClassificationTask", "MetricLearningTask", "retrieval_metrics"]
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., Any]
+_TOTAL_STEPS_ARGS = ("total_steps", "T_max", "total_iters")
+
+
+class EmbeddingTask(L.LightningModule):
+    """What both tasks share: the model (an :class:`aggnets.Embedder`, or a :class:`aggnets.Classifier` around
+    one; ``task.model`` is a plain module to use elsewhere), the optimiser with its two learning rates, the scheduler, and
+    optional ``torch.compile``.
+
+    ``optimizer`` / ``scheduler`` are factories (``_partial_: true`` in the config). The backbone trains at
+    ``backbone_lr`` (None = the optimiser's lr; 0 freezes it), everything else at the optimiser's lr. A scheduler
+    whose signature has ``total_steps`` / ``T_max`` / ``total_iters`` left unset gets the run's number of optimiser
+    steps, and steps every batch.
+    """
+
+    def __init__(self, backbone: nn.Module, head: Any, *, optimizer: OptimizerFactory,
+                 scheduler: Optional[SchedulerFactory] = None, backbone_lr: Optional[float] = None,
+                 projection_dim: Optional[int] = None, normalize: bool = True, compile: bool = False) -> None:
+        super().__init__()
+        self.model: nn.Module = Embedder(backbone, head, projection_dim=projection_dim, normalize=normalize)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.backbone_lr = backbone_lr
+        self.compile = compile
+        self._compiled: Optional[Callable[..., Tensor]] = None
+        # set by aggnets_train.callbacks.CodebookInit; saved in checkpoints so a resumed run does not refit
+        self.register_buffer("codebook_initialized", torch.tensor(False))
+
+    @property
+    def embedder(self) -> Embedder:
+        """The descriptor part of :attr:`model` (the model itself for metric learning)."""
+        return self.model if isinstance(self.model, Embedder) else self.model.embedder
+
+    @property
+    def head(self) -> nn.Module:
+        return self.embedder.head
+
+    def setup(self, stage: str) -> None:
+        if self.compile and self._compiled is None:
+            self._compiled = torch.compile(self.embedder)
+
+    def embed(self, images: Tensor) -> Tensor:
+        return (self._compiled or self.embedder)(images)
+
+    def configure_optimizers(self) -> Any:
+        backbone_params = [p for p in self.embedder.backbone.parameters() if p.requires_grad]
+        backbone_ids = {id(p) for p in backbone_params}
+        other_params = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        groups = [{"params": other_params, "name": "head"}]
+        if backbone_params and self.backbone_lr != 0:
+            group = {"params": backbone_params, "name": "backbone"}
+            if self.backbone_lr is not None:
+                group["lr"] = self.backbone_lr
+            groups.append(group)
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self._build_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        factory = self.scheduler_factory
+        given = getattr(factory, "keywords", {}) or {}
+        target = getattr(factory, "func", factory)
+        try:
+            params = inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            params = {}
+        extra = {}
+        for name in _TOTAL_STEPS_ARGS:
+            if name in params and name not in given:
+                extra[name] = int(self.trainer.estimated_stepping_batches)
+        if "max_lr" in params and "max_lr" not in given:
+            extra["max_lr"] = [group["lr"] for group in optimizer.param_groups]
+        return factory(optimizer, **extra)
+
+
+class ClassificationTask(EmbeddingTask):
+    """backbone -> head -> (projection) -> batch norm -> linear classifier; cross-entropy; top-1 accuracy."""
+
+    def __init__(self, backbone: nn.Module, head: Any, *, num_classes: int, optimizer: OptimizerFactory,
+                 scheduler: Optional[SchedulerFactory] = None, backbone_lr: Optional[float] = None,
+                 projection_dim: Optional[int] = None, label_smoothing: float = 0.0, dropout: float = 0.0,
+                 compile: bool = False) -> None:
+        super().__init__(backbone, head, optimizer=optimizer, scheduler=scheduler, backbone_lr=backbone_lr,
+                         projection_dim=projection_dim, normalize=False, compile=compile)
+        self.model = Classifier(self.embedder, num_classes, dropout=dropout)
+        self.label_smoothing = label_smoothing
+        self.num_classes = num_classes
+        self.metrics = nn.ModuleDict({f"{stage}_acc": MulticlassAccuracy(num_classes, average="micro")
+                                      for stage in ("train", "val", "test")})
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model.logits(self.embed(images))
+
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        images, labels = batch[0], batch[1]
+        logits = self(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        metric = self.metrics[f"{stage}_acc"]
+        metric(logits.detach(), labels)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step,
+                 batch_size=len(labels))
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+
+def retrieval_metrics(embeddings: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Tensor]:
+    """Leave-one-out retrieval over a labelled set: every item queries all the others by inner product; the
+    relevant items share its label. mAP (torchmetrics ``RetrievalMAP``) and recall@k = fraction of queries with a
+    relevant item in their top k (torchmetrics ``RetrievalHitRate``, the metric-learning / place-recognition
+    "Recall@K"). Queries without any relevant item are skipped."""
+    n = len(labels)
+    if n < 2:
+        raise ValueError(f"retrieval_metrics needs at least 2 items, got {n}")
+    embeddings = embeddings.float()
+    scores = embeddings @ embeddings.T
+    relevant = labels[:, None] == labels[None, :]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=labels.device)
+    has_positive = (relevant & off_diagonal).any(dim=1)
+    queries = torch.arange(n, device=labels.device)[:, None].expand(n, n)
+    keep = off_diagonal & has_positive[:, None]
+    preds, target, indexes = scores[keep], relevant[keep], queries[keep]
+    out = {"mAP": RetrievalMAP()(preds, target, indexes=indexes)}
+    for k in ks:
+        out[f"recall@{k}"] = RetrievalHitRate(top_k=k)(preds, target, indexes=indexes)
+    return out
+
+
+class MetricLearningTask(EmbeddingTask):
+    """backbone -> head -> (projection) -> L2 embedding, trained with a pytorch-metric-learning loss (and
+    optional miner) on P x K batches; validated by leave-one-out retrieval (mAP, recall@k) over the whole
+    validation set, gathered across ranks."""
+
+    def __init__(self, backbone: nn.Module, head: Any, *, loss: nn.Module, optimizer: OptimizerFactory,
+                 miner: Optional[nn.Module] = None, scheduler: Optional[SchedulerFactory] = None,
+                 backbone_lr: Optional[float] = None, projection_dim: Optional[int] = None,
+                 recall_ks: tuple[int, ...] = (1, 5, 10), compile: bool = False) -> None:
+        super().__init__(backbone, head, optimizer=optimizer, scheduler=scheduler, backbone_lr=backbone_lr,
+                         projection_dim=projection_dim, normalize=True, compile=compile)
+        self.loss = loss
+        self.miner = miner
+        self.recall_ks = tuple(recall_ks)
+        self._outputs: dict[str, list[tuple[Tensor, Tensor]]] = {"val": [], "test": []}
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.embed(images)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels = batch[0], batch[1]
+        embeddings = self(images).float()
+        pairs = self.miner(embeddings, labels) if self.miner is not None else None
+        loss = self.loss(embeddings, labels, pairs)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def _collect(self, batch: Any, stage: str) -> None:
+        images, labels = batch[0], batch[1]
+        self._outputs[stage].append((self(images).float().detach(), labels.detach()))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._collect(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._collect(batch, "test")
+
+    def _evaluate(self, stage: str) -> None:
+        outputs, self._outputs[stage] = self._outputs[stage], []
+        if not outputs:
+            return
+        embeddings = torch.cat([e for e, _ in outputs])
+        labels = torch.cat([y for _, y in outputs])
+        if self.trainer.world_size > 1:
+            embeddings = self._gather(embeddings)
+            labels = self._gather(labels)
+        for name, value in retrieval_metrics(embeddings, labels, self.recall_ks).items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("mAP", "recall@1"), rank_zero_only=False)
+
+    def _gather(self, values: Tensor) -> Tensor:
+        """All ranks' rows, concatenated (ranks may hold different counts)."""
+        count = torch.tensor([len(values)], device=values.device)
+        counts = self.all_gather(count).flatten().tolist()
+        padded = values.new_zeros((max(counts), *values.shape[1:]))
+        padded[: len(values)] = values
+        gathered = self.all_gather(padded)
+        return torch.cat([gathered[r, :c] for r, c in enumerate(counts)])
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluate("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate("test")

@@ -1,0 +1,152 @@
+"""Real training runs, small: a few steps per task in-process, the TensorBoard tags of the head monitor, train.py
+end to end, DDP with 2 CPU processes (gloo), and resuming a run killed with SIGKILL mid-epoch."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from aggnets_train.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# a run of seconds: 64 px motif images, few of them, a frozen backbone up to blocks.1 (the default)
+SMALL = ["data.train.size=96", "data.val.size=40", "data.test.size=40", "data.batch_size=16",
+         "callbacks.codebook_init.max_images=64", "callbacks.head_monitor.projector_samples=24",
+         "callbacks.head_monitor.num_images=4", "trainer.enable_progress_bar=false", "trainer.max_epochs=1",
+         "trainer.log_every_n_steps=1"]
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def tensorboard_tags(run_dir: Path) -> dict[str, set[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags: dict[str, set[str]] = {"scalars": set(), "histograms": set(), "images": set()}
+    for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "histograms": 0, "scalars": 0})
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind] |= set(accumulator.Tags()[kind])
+    return tags
+
+
+def test_classification_trains_and_logs_the_head_internals(tmp_path):
+    metric = train(compose_train(*SMALL, f"paths.output_dir={tmp_path}", "head.num_clusters=8",
+                                 "trainer.limit_train_batches=4"))
+    assert metric is not None and 0.0 <= metric <= 1.0
+    tags = tensorboard_tags(tmp_path)
+    assert {"train/loss_step", "val/acc", "test/acc", "head/alpha", "head/cluster_entropy",
+            "head/cluster_normalized_entropy", "head/cluster_perplexity", "head/cluster_dead",
+            "head/assign_weight_norm_mean", "lr-AdamW/head", "lr-AdamW/backbone"} <= tags["scalars"], tags["scalars"]
+    assert {"head/cluster_usage", "head/assign_weight_norm", "head/centroid_norm"} <= tags["histograms"]
+    assert "head/assignment_map" in tags["images"]
+    projector = (tmp_path / "tensorboard" / "projector_config.pbtxt").read_text()
+    assert "val_embedding" in projector and "metadata" in projector and "sprite" in projector
+    checkpoints = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    assert "last.ckpt" in checkpoints and any(name.startswith("best-") for name in checkpoints)
+
+
+def test_gem_p_is_logged_per_channel(tmp_path):
+    train(compose_train(*SMALL, f"paths.output_dir={tmp_path}", "head=gem", "head.per_channel=true",
+                        "trainer.limit_train_batches=2", "test=false"))
+    tags = tensorboard_tags(tmp_path)
+    assert "head/p" in tags["histograms"] and "head/p_mean" in tags["scalars"]
+
+
+def test_codebook_is_fitted_before_training_and_not_refitted_on_resume(tmp_path):
+    from aggnets_train.run import build_run
+    cfg = compose_train(*SMALL, f"paths.output_dir={tmp_path}", "head.num_clusters=8", "trainer.max_steps=1",
+                        "trainer.limit_val_batches=0", "test=false")
+    run = build_run(cfg)
+    before = run.task.embedder.head.centroids.detach().clone()
+    run.trainer.fit(run.task, datamodule=run.datamodule)
+    init = next(c for c in run.callbacks if type(c).__name__ == "CodebookInit")
+    assert bool(run.task.codebook_initialized) and init.summary["head"]["descriptors"] > 0
+    assert not torch.allclose(before, run.task.embedder.head.centroids)
+    again = build_run(cfg)
+    again.trainer.fit(again.task, datamodule=again.datamodule, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    second = next(c for c in again.callbacks if type(c).__name__ == "CodebookInit")
+    assert second.summary == {}  # restored from the checkpoint, not refitted
+
+
+def test_metric_learning_trains_with_p_by_k_batches_and_retrieval_metrics(tmp_path):
+    metric = train(compose_train(*SMALL, f"paths.output_dir={tmp_path}", "experiment=motifs_metric_learning",
+                                 "data.batch_size=16", "data.samples_per_class=4", "trainer.limit_train_batches=3",
+                                 "task.projection_dim=32"))
+    assert metric is not None and 0.0 < metric <= 1.0
+    tags = tensorboard_tags(tmp_path)
+    assert {"val/mAP", "val/recall@1", "val/recall@5", "test/mAP", "train/loss_step"} <= tags["scalars"]
+
+
+def run_script(args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def test_train_py_end_to_end_prints_the_result(tmp_path):
+    result = run_script([*SMALL, f"hydra.run.dir={tmp_path}", "trainer.limit_train_batches=2"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "aggnets run finished" in result.stdout and "test/acc" in result.stdout
+    assert f"tensorboard --logdir {tmp_path}" in result.stdout
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / ".hydra" / "overrides.yaml").exists()
+
+
+def test_bad_config_fails_before_training_with_the_key(tmp_path):
+    result = run_script([f"hydra.run.dir={tmp_path}", "head.num_clusters=lots"], timeout=120)
+    assert result.returncode != 0
+    assert "head.num_clusters: expected int, got 'lots'" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_ddp_two_cpu_processes(tmp_path):
+    result = run_script([*SMALL, f"hydra.run.dir={tmp_path}", "trainer=ddp", "trainer.accelerator=cpu",
+                         "trainer.devices=2", "trainer.limit_train_batches=3", "trainer.max_epochs=1"], timeout=420)
+    assert result.returncode == 0, result.stderr[-4000:]
+    output = result.stdout + result.stderr
+    checksums = set(re.findall(r"codebook checksum on rank \d: (\S+)", output))
+    ranks = set(re.findall(r"codebook checksum on rank (\d)", output))
+    assert ranks == {"0", "1"} and len(checksums) == 1, output[-3000:]
+    assert output.count("aggnets run finished") == 1 and "test/acc" in result.stdout
+    # one Hydra run directory, shared by both ranks (Lightning relaunches rank 1 into it)
+    assert len(list(tmp_path.parent.glob(f"{tmp_path.name}*"))) == 1
+    assert not (tmp_path / ".hydra" / "rank1").exists() and (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_resume_after_sigkill_mid_epoch(tmp_path):
+    args = [*SMALL, f"hydra.run.dir={tmp_path}", "data.train.size=400", "trainer.max_epochs=2",
+            "callbacks.last_checkpoint.every_n_train_steps=3", "callbacks.codebook_init.max_images=32"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    try:
+        while not last.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert last.exists(), "no last.ckpt was written"
+        time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < step < 50  # killed in the first epoch of 25 steps, or early in the second
+    resumed = run_script([*args, f"ckpt_path={last}"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert "aggnets run finished" in resumed.stdout
+    final = torch.load(last, map_location="cpu", weights_only=True)
+    assert final["global_step"] == 50 and final["epoch"] == 1
