@@ -66,6 +66,16 @@ def build_run(cfg: DictConfig, *, with_trainer: bool = True) -> Run:
     return run
 
 
+def _one_console_log() -> None:
+    """Lightning's logger has its own console handler; under Hydra the root logger already prints (and writes the
+    run's log file), so every Lightning message appeared twice."""
+    if logging.getLogger().handlers:
+        lightning_log = logging.getLogger("lightning.pytorch")
+        for handler in list(lightning_log.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                lightning_log.removeHandler(handler)
+
+
 def _tensorboard_dir(loggers: list) -> Optional[str]:
     for logger in loggers:
         if type(logger).__name__ == "TensorBoardLogger":
@@ -84,6 +94,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     of ``optimized_metric`` (for Hydra sweepers)."""
     output_dir = cfg.paths.output_dir
     check_output_dir(output_dir)
+    _one_console_log()
     L.seed_everything(cfg.seed, workers=True)
     run = build_run(cfg)
     trainer = run.trainer

@@ -59,7 +59,7 @@ class EmbeddingTask(L.LightningModule):
             self._compiled = torch.compile(self.embedder)
 
     def embed(self, images: Tensor) -> Tensor:
-        return (self._compiled or self.embedder)(images)
+        return (self._compiled if self._compiled is not None else self.embedder)(images)
 
     def configure_optimizers(self) -> Any:
         backbone_params = [p for p in self.embedder.backbone.parameters() if p.requires_grad]

@@ -140,10 +140,16 @@ def test_cpu_bf16_autocast_gives_finite_float32_close_to_float32(name):
     head = make_head(name, C, K, dtype=torch.float32)
     x = _x(name)
     ref = head(x)
+    x.requires_grad_(True)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         y = head(x)
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
     assert rel_err(y, ref) < 5e-2
+    if not y.requires_grad:  # BoF: a histogram of hard assignments has no gradient
+        return
+    y.square().sum().backward()  # the backward runs too (training under bf16-mixed on CPU)
+    assert x.grad is None or torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -57,6 +57,12 @@ def test_classification_trains_and_logs_the_head_internals(tmp_path):
     assert "last.ckpt" in checkpoints and any(name.startswith("best-") for name in checkpoints)
 
 
+def test_bf16_mixed_precision_trains(tmp_path):
+    metric = train(compose_train(*SMALL, f"paths.output_dir={tmp_path}", "trainer.precision=bf16-mixed",
+                                 "head.num_clusters=8", "trainer.limit_train_batches=2", "test=false"))
+    assert metric is not None and 0.0 <= metric <= 1.0
+
+
 def test_gem_p_is_logged_per_channel(tmp_path):
     train(compose_train(*SMALL, f"paths.output_dir={tmp_path}", "head=gem", "head.per_channel=true",
                         "trainer.limit_train_batches=2", "test=false"))

@@ -132,8 +132,16 @@ class _AssignmentStatistics(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument (CUDA), CPU separately
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
 def _needs_fast_backward(*tensors: Optional[Tensor]) -> bool:
-    if not torch.is_grad_enabled() or torch.is_autocast_enabled():
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_grad_enabled() or _autocast_enabled(device_type):
         return False
     return any(t is not None and t.requires_grad for t in tensors)
 
