@@ -202,6 +202,7 @@ class MetricLearningTask(EmbeddingTask):
         if self.trainer.world_size > 1:
             embeddings = self._gather(embeddings)
             labels = self._gather(labels)
+        self.log(f"{stage}/queries", float(len(labels)), rank_zero_only=False)
         for name, value in retrieval_metrics(embeddings, labels, self.recall_ks).items():
             self.log(f"{stage}/{name}", value, prog_bar=name in ("mAP", "recall@1"), rank_zero_only=False)
 

@@ -109,6 +109,14 @@ def test_train_py_end_to_end_prints_the_result(tmp_path):
     assert (tmp_path / "config.yaml").exists() and (tmp_path / ".hydra" / "overrides.yaml").exists()
 
 
+def test_unwritable_output_directory_fails_before_training(tmp_path):
+    from aggnets_train.config import ConfigError
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"^paths\.output_dir: cannot write to"):
+        train(compose_train(*SMALL, f"paths.output_dir={blocker / 'run'}"))
+
+
 def test_bad_config_fails_before_training_with_the_key(tmp_path):
     result = run_script([f"hydra.run.dir={tmp_path}", "head.num_clusters=lots"], timeout=120)
     assert result.returncode != 0
@@ -118,14 +126,18 @@ def test_bad_config_fails_before_training_with_the_key(tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
 def test_ddp_two_cpu_processes(tmp_path):
+    # metric learning: its retrieval validation gathers the embeddings of both ranks (40 = the whole val set)
     result = run_script([*SMALL, f"hydra.run.dir={tmp_path}", "trainer=ddp", "trainer.accelerator=cpu",
-                         "trainer.devices=2", "trainer.limit_train_batches=3", "trainer.max_epochs=1"], timeout=420)
+                         "trainer.devices=2", "trainer.limit_train_batches=3", "trainer.max_epochs=1",
+                         "experiment=motifs_metric_learning", "data.batch_size=16", "task.projection_dim=16"],
+                        timeout=420)
     assert result.returncode == 0, result.stderr[-4000:]
     output = result.stdout + result.stderr
     checksums = set(re.findall(r"codebook checksum on rank \d: (\S+)", output))
     ranks = set(re.findall(r"codebook checksum on rank (\d)", output))
     assert ranks == {"0", "1"} and len(checksums) == 1, output[-3000:]
-    assert output.count("aggnets run finished") == 1 and "test/acc" in result.stdout
+    assert output.count("aggnets run finished") == 1 and "test/mAP" in result.stdout
+    assert re.search(r"val/queries +40\.0000", result.stdout) and re.search(r"test/queries +40\.0000", result.stdout)
     # one Hydra run directory, shared by both ranks (Lightning relaunches rank 1 into it)
     assert len(list(tmp_path.parent.glob(f"{tmp_path.name}*"))) == 1
     assert not (tmp_path / ".hydra" / "rank1").exists() and (tmp_path / "checkpoints" / "last.ckpt").exists()
