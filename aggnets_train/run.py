@@ -66,6 +66,26 @@ def build_run(cfg: DictConfig, *, with_trainer: bool = True) -> Run:
     return run
 
 
+def flat_hyperparameters(cfg: DictConfig, groups: tuple[str, ...] = ("backbone", "head", "data", "task", "trainer"),
+                         ) -> dict[str, Any]:
+    """``{"head.num_clusters": 64, "task.optimizer.lr": 0.003, ...}``: the scalar values of the main groups."""
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                visit(f"{prefix}.{key}", sub)
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[prefix] = "null" if value is None else value
+        else:
+            flat[prefix] = str(value)
+
+    for group in groups:
+        if group in cfg:
+            visit(group, OmegaConf.to_container(cfg[group], resolve=True))
+    return flat
+
+
 def _one_console_log() -> None:
     """Lightning's logger has its own console handler; under Hydra the root logger already prints (and writes the
     run's log file), so every Lightning message appeared twice."""
@@ -101,6 +121,8 @@ def train(cfg: DictConfig) -> Optional[float]:
     if trainer.is_global_zero:
         log.info("model: %s", run.task.embedder.head)
         OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=False)
+    for logger in run.loggers:  # TensorBoard's HParams tab compares the runs of a sweep by these
+        logger.log_hyperparams(flat_hyperparameters(cfg))
     trainer.fit(run.task, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test", True):

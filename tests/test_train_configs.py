@@ -129,3 +129,11 @@ def test_p_by_k_batches_need_enough_classes():
     cfg = compose_train("data.samples_per_class=4", "data.batch_size=64", "data.train.size=64")
     with pytest.raises(ConfigError, match=r"^data .*16 classes per batch, but the training set has only 10"):
         build(cfg.data, "data")
+
+
+def test_hparams_search_is_a_multirun_grid():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hparams_search=motifs_netvlad"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert set(cfg.hydra.sweeper.params) == {"head.num_clusters", "task.optimizer.lr"}
+    assert cfg.optimized_metric == "val/acc"

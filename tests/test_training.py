@@ -95,6 +95,34 @@ def test_metric_learning_trains_with_p_by_k_batches_and_retrieval_metrics(tmp_pa
     assert {"val/mAP", "val/recall@1", "val/recall@5", "test/mAP", "train/loss_step"} <= tags["scalars"]
 
 
+def write_image_tree(root: Path, classes: int, per_class: int) -> None:
+    """A folder tree of real PNG files (motif images), one folder per class / landmark."""
+    from PIL import Image
+    from aggnets.data import MotifDataset
+    motifs = MotifDataset("train", size=classes * per_class, image_size=48, num_classes=classes)
+    for index in range(len(motifs)):
+        image, label = motifs[index]
+        folder = root / f"id{label:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(folder / f"{index}.png")
+
+
+def test_image_folder_classification_and_landmark_metric_learning(tmp_path):
+    write_image_tree(tmp_path / "images", classes=6, per_class=8)
+    common = ["trainer.enable_progress_bar=false", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
+              "data.num_workers=0", "data.train.image_size=48", "head.num_clusters=4",
+              "callbacks.codebook_init.max_images=16", "callbacks.head_monitor.projector_samples=8",
+              f"data.train.root={tmp_path / 'images'}"]
+    accuracy = train(compose_train(*common, "data=image_folder", "data.num_classes=6", "data.batch_size=8",
+                                   "data.train.val_fraction=0.25", "data.train.test_fraction=0.25",
+                                   f"paths.output_dir={tmp_path / 'folder_run'}"))
+    assert accuracy is not None and 0.0 <= accuracy <= 1.0
+    mean_ap = train(compose_train(*common, "data=landmarks", "task=metric_learning", "data.batch_size=8",
+                                  "data.samples_per_class=4", "data.train.val_fraction=0.34",
+                                  "data.train.test_fraction=0.34", f"paths.output_dir={tmp_path / 'landmark_run'}"))
+    assert mean_ap is not None and 0.0 < mean_ap <= 1.0
+
+
 def run_script(args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True,
