@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -116,6 +117,8 @@ def train(cfg: DictConfig) -> Optional[float]:
     check_output_dir(output_dir)
     _one_console_log()
     L.seed_everything(cfg.seed, workers=True)
+    # frozen backbone stages keep their BatchNorm in eval mode on purpose (FeatureExtractor.freeze)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     run = build_run(cfg)
     trainer = run.trainer
     if trainer.is_global_zero:
