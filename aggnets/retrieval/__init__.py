@@ -1,0 +1,16 @@
+"""Retrieval evaluation: exact k-NN search, revisited Oxford/Paris mAP and mP@k, place-recognition recall@N.
+
+All functions are plain numpy/torch (faiss optional), independent of any training framework.
+"""
+from .evaluation import (AP_VARIANTS, REVISITED_SETTINGS, RefusedGlobalError, RevisitedGroundTruth,
+                         average_precision, evaluate_revisited, load_revisited_gnd, load_utm_csv,
+                         parse_utm_from_filename, positions_from_filenames, positive_positions, precision_at_k,
+                         recall_at_n, revisited_per_query, revisited_split)
+from .search import KNN_ENGINES, KNN_METRICS, as_ranking, knn, ranking_from_scores, resolve_kind
+
+__all__ = [
+    "AP_VARIANTS", "REVISITED_SETTINGS", "KNN_ENGINES", "KNN_METRICS", "RefusedGlobalError", "RevisitedGroundTruth",
+    "average_precision", "evaluate_revisited", "load_revisited_gnd", "load_utm_csv", "parse_utm_from_filename",
+    "positions_from_filenames", "positive_positions", "precision_at_k", "recall_at_n", "revisited_per_query",
+    "revisited_split", "as_ranking", "knn", "ranking_from_scores", "resolve_kind",
+]
