@@ -2,6 +2,7 @@
 test the best checkpoint, print where everything is."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -134,6 +135,8 @@ def train(cfg: DictConfig) -> Optional[float]:
         for row in results:
             metrics.update({k: float(v) for k, v in row.items()})
     if trainer.is_global_zero:
+        with open(os.path.join(output_dir, "results.json"), "w") as handle:
+            json.dump(metrics, handle, indent=1, sort_keys=True)
         _print_summary(cfg, trainer, metrics, output_dir, _tensorboard_dir(run.loggers))
     return _metric_value(metrics, cfg.get("optimized_metric"))
 

@@ -2,6 +2,7 @@
 end to end, DDP with 2 CPU processes (gloo), and resuming a run killed with SIGKILL mid-epoch."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -135,6 +136,8 @@ def test_train_py_end_to_end_prints_the_result(tmp_path):
     assert "aggnets run finished" in result.stdout and "test/acc" in result.stdout
     assert f"tensorboard --logdir {tmp_path}" in result.stdout
     assert (tmp_path / "config.yaml").exists() and (tmp_path / ".hydra" / "overrides.yaml").exists()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert f"test/acc                 {results['test/acc']:.4f}" in result.stdout
 
 
 def test_unwritable_output_directory_fails_before_training(tmp_path):
