@@ -23,3 +23,12 @@ __all__ += [
     "alpha_query_expansion", "average_query_expansion", "database_side_augmentation", "fit_learned_whitening",
     "fit_pca_whitening", "learned_whitening_params", "load_whitening", "pca_whitening_params", "save_whitening",
 ]
+
+# descriptor extraction: native-aspect loading, padded + masked batching, multi-scale, descriptor files
+from .extraction import (BATCHING_MODES, DESCRIPTORS_FILE_FORMAT, LoadedDescriptors, extract_descriptors,
+                         feature_mask, load_descriptors, load_image, masking_problem, pad_batch, save_descriptors)
+
+__all__ += [
+    "BATCHING_MODES", "DESCRIPTORS_FILE_FORMAT", "LoadedDescriptors", "extract_descriptors", "feature_mask",
+    "load_descriptors", "load_image", "masking_problem", "pad_batch", "save_descriptors",
+]
