@@ -1,0 +1,228 @@
+"""The command-line side of retrieval (scripts/extract.py, scripts/evaluate.py): a model from a train.py checkpoint
+or from the backbone / head config groups, descriptors of image lists, and the evaluation protocols of
+:mod:`aggnets.retrieval` (generic query/positive pairs, revisited Oxford / Paris, place recognition)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import Tensor
+
+from aggnets import retrieval as R
+from aggnets.codebook import fit_head_codebook
+from aggnets.inspect import codebook_heads
+from aggnets.models import Embedder
+
+from .config import ConfigError, build, build_head
+
+__all__ = ["build_embedder", "list_images", "run_extract", "run_evaluate"]
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _checkpoint_state(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint: no such file {path!r}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _run_config(checkpoint: str, run_config: Optional[str]) -> DictConfig:
+    path = Path(run_config) if run_config else Path(checkpoint).resolve().parent.parent / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"run_config: the training run's config.yaml was not found at {str(path)!r} "
+                          "(pass run_config=/path/to/config.yaml)")
+    return OmegaConf.load(path)
+
+
+def build_embedder(cfg: DictConfig) -> tuple[Embedder, dict]:
+    """The model: the backbone and head of a train.py run with its checkpoint's weights when ``checkpoint`` is set,
+    else the ``backbone`` / ``head`` groups (e.g. a pretrained backbone + GeM, or a codebook head to fit)."""
+    info: dict[str, Any] = {}
+    if cfg.get("checkpoint"):
+        state = _checkpoint_state(cfg.checkpoint)
+        run_cfg = _run_config(cfg.checkpoint, cfg.get("run_config"))
+        with open_dict(run_cfg):
+            run_cfg.backbone.weights = None  # every weight comes from the checkpoint
+        backbone = build(run_cfg.backbone, "backbone")
+        head = build_head(run_cfg, backbone.out_channels)
+        projection = run_cfg.get("task", {}).get("projection_dim")
+        embedder = Embedder(backbone, head, projection_dim=projection)
+        weights = state["state_dict"]
+        prefix = "model.embedder." if any(k.startswith("model.embedder.") for k in weights) else "model."
+        own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        missing, unexpected = embedder.load_state_dict(own, strict=False)
+        if missing:
+            raise ConfigError(f"checkpoint: {cfg.checkpoint} lacks {len(missing)} weights of the model, e.g. "
+                              f"{missing[:3]} (a checkpoint from another backbone / head?)")
+        info.update(checkpoint=str(cfg.checkpoint), global_step=int(state.get("global_step", 0)),
+                    run_dir=str(Path(cfg.checkpoint).resolve().parent.parent), ignored=len(unexpected))
+    else:
+        backbone = build(cfg.backbone, "backbone")
+        embedder = Embedder(backbone, build_head(cfg, backbone.out_channels))
+    return embedder.eval(), info
+
+
+def list_images(spec: str) -> tuple[str, list[str]]:
+    """``(root, relative paths)`` of a folder (all images below it, sorted) or a text file of paths (one per line,
+    relative to the file's folder)."""
+    path = Path(spec)
+    if path.is_dir():
+        names = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        root = path
+    elif path.is_file():
+        root = path.parent
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        raise ConfigError(f"images: {spec!r} is neither a folder nor a list file")
+    if not names:
+        raise ConfigError(f"images: no images found in {spec!r}")
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise ConfigError(f"images: {len(missing)} listed images are missing from disk, e.g. {missing[:3]}")
+    return str(root), names
+
+
+def _fit_codebooks(embedder: Embedder, paths: list[str], cfg: DictConfig) -> None:
+    """Codebook heads built from config (no checkpoint) get their codebook from the images themselves."""
+    heads = codebook_heads(embedder.head)
+    if not heads:
+        return
+    count = min(len(paths), int(cfg.codebook.max_images))
+    chosen = [paths[i] for i in torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))[:count]]
+    loader = [R.load_image(p, cfg.extraction.max_size)[None] for p in chosen]
+    for name, head in heads:
+        summary = fit_head_codebook(head, embedder.backbone, loader, per_image=int(cfg.codebook.per_image),
+                                    progress=True)
+        log.info("codebook of head%s fitted on %d images: %s", f".{name}" if name else "", count,
+                 {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+
+
+def _extract(embedder: Embedder, paths: list[str], cfg: DictConfig, bboxes: Optional[list] = None) -> Tensor:
+    e = cfg.extraction
+    return R.extract_descriptors(embedder, paths, batch_size=int(e.batch_size), max_size=e.max_size,
+                                 scales=tuple(e.scales), multiscale=e.multiscale, bboxes=bboxes,
+                                 device=cfg.get("device"), progress=True)
+
+
+def run_extract(cfg: DictConfig) -> str:
+    """Descriptors of ``images`` saved to ``output`` (.npy + JSON, or .pt) with the config that made them."""
+    embedder, info = build_embedder(cfg)
+    root, names = list_images(cfg.images)
+    paths = [os.path.join(root, n) for n in names]
+    if not cfg.get("checkpoint"):
+        _fit_codebooks(embedder, paths, cfg)
+    descriptors = _extract(embedder, paths, cfg)
+    config = {"config": OmegaConf.to_container(cfg, resolve=False), "model": info, "root": root}
+    R.save_descriptors(cfg.output, descriptors.cpu().numpy(), names, config)
+    print(f"{len(names)} descriptors of dimension {descriptors.shape[1]} written to {os.path.abspath(cfg.output)}")
+    return cfg.output
+
+
+def _post_process(queries: Tensor, database: Tensor, cfg: DictConfig) -> tuple[Tensor, Tensor]:
+    post = cfg.post
+    if post.get("whitening"):
+        whitening = R.load_whitening(post.whitening)
+        if whitening.in_features != queries.shape[1]:
+            raise ConfigError(f"post.whitening: {post.whitening} expects {whitening.in_features}-d descriptors, "
+                              f"the model gives {queries.shape[1]}")
+        with torch.no_grad():
+            queries, database = whitening(queries.to(whitening.weight)), whitening(database.to(whitening.weight))
+    if int(post.get("qe_k", 0)) > 0:
+        queries = R.alpha_query_expansion(queries, database, int(post.qe_k), alpha=float(post.qe_alpha))
+    return queries, database
+
+
+def _protocol_inputs(cfg: DictConfig) -> dict[str, Any]:
+    """Image paths, query boxes and ground truth for ``eval.protocol``."""
+    ev = cfg.eval
+    if ev.protocol == "pairs":
+        gt = R.load_pairs_csv(ev.csv, root=ev.get("root"))
+        paths = [os.path.join(gt.root, n) for n in gt.names]
+        return {"database": paths, "queries": None, "gt": gt, "names": (list(gt.names), None)}
+    if ev.protocol == "revisited":
+        gnd = R.load_revisited_gnd(ev.gnd)
+        images = Path(ev.root) / "jpg"
+        database = [str(images / f"{n}.jpg") for n in gnd.imlist]
+        queries = [str(images / f"{n}.jpg") for n in gnd.qimlist]
+        missing = [p for p in database + queries if not os.path.isfile(p)]
+        if missing:
+            raise ConfigError(f"eval.root: {len(missing)} images of {ev.gnd} are missing from {images}, "
+                              f"e.g. {missing[:2]}")
+        boxes = [tuple(float(v) for v in entry["bbx"]) for entry in gnd.gnd] if ev.get("crop_queries", True) \
+            else None
+        return {"database": database, "queries": queries, "boxes": boxes, "gt": gnd,
+                "names": (list(gnd.imlist), list(gnd.qimlist))}
+    if ev.protocol == "place":
+        db_root, db_names = list_images(ev.database)
+        q_root, q_names = list_images(ev.queries)
+        return {"database": [os.path.join(db_root, n) for n in db_names],
+                "queries": [os.path.join(q_root, n) for n in q_names],
+                "positions": (R.positions_from_filenames(q_names), R.positions_from_filenames(db_names)),
+                "names": (db_names, q_names)}
+    raise ConfigError(f"eval.protocol: expected 'pairs', 'revisited' or 'place', got {ev.protocol!r}")
+
+
+def _evaluate(protocol: str, scores: Tensor, inputs: dict, cfg: DictConfig) -> dict[str, float]:
+    if protocol == "pairs":
+        return R.evaluate_pairs(scores.numpy(), inputs["gt"])
+    if protocol == "revisited":
+        results = R.evaluate_revisited(scores.numpy(), inputs["gt"])
+        return {f"{setting}/{k}": v for setting, values in results.items() for k, v in values.items()}
+    query_pos, db_pos = inputs["positions"]
+    return R.recall_at_n(scores.numpy(), query_pos, db_pos, ns=tuple(cfg.eval.recall_ns),
+                         threshold=float(cfg.eval.threshold))
+
+
+def run_evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Extract, post-process, search and evaluate; prints a table, writes results.json and the descriptors to
+    ``output_dir`` and, for a checkpoint, logs the metrics into the training run's TensorBoard."""
+    embedder, info = build_embedder(cfg)
+    inputs = _protocol_inputs(cfg)
+    if not cfg.get("checkpoint"):
+        _fit_codebooks(embedder, inputs["database"], cfg)
+    database = _extract(embedder, inputs["database"], cfg).cpu()
+    if inputs["queries"] is None:  # pairs: the queries are database images
+        queries = database[torch.as_tensor(inputs["gt"].queries)]
+    else:
+        queries = _extract(embedder, inputs["queries"], cfg, inputs.get("boxes")).cpu()
+    queries, database = _post_process(queries.double(), database.double(), cfg)
+    results = _evaluate(cfg.eval.protocol, queries @ database.T, inputs, cfg)
+    output_dir = cfg.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    db_names, q_names = inputs["names"]
+    R.save_descriptors(os.path.join(output_dir, "database.npy"), database.float().numpy(), db_names,
+                       {"protocol": cfg.eval.protocol})
+    if q_names is not None:
+        R.save_descriptors(os.path.join(output_dir, "queries.npy"), queries.float().numpy(), q_names,
+                           {"protocol": cfg.eval.protocol})
+    with open(os.path.join(output_dir, "results.json"), "w") as handle:
+        json.dump({"results": results, "model": info}, handle, indent=1)
+    _print_table(cfg.eval.protocol, results)
+    if info.get("run_dir"):
+        _log_to_run(info, cfg.eval.protocol, results)
+    return results
+
+
+def _print_table(protocol: str, results: dict[str, float]) -> None:
+    lines = [f"| {protocol} metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+    print("\n".join(lines), flush=True)
+
+
+def _log_to_run(info: dict, protocol: str, results: dict[str, float]) -> None:
+    directory = Path(info["run_dir"]) / "tensorboard"
+    if not directory.is_dir():
+        return
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(directory))
+    for key, value in results.items():
+        if isinstance(value, (int, float)):
+            writer.add_scalar(f"retrieval/{protocol}/{key}", value, info["global_step"])
+    writer.close()
+    print(f"metrics logged to {directory} (tags retrieval/{protocol}/...)")
