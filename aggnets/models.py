@@ -28,16 +28,17 @@ def _out_channels(backbone: nn.Module) -> int:
 
 
 class Embedder(nn.Module):
-    """``f(image) = L2(P · head(backbone(image)))``: a global image descriptor of ``out_dim`` values.
+    """``f(image) = L2(Wh(P · head(backbone(image))))``: a global image descriptor of ``out_dim`` values.
 
     ``head`` is a pooling head module, or a factory called as ``head(in_channels=backbone.out_channels)`` (e.g. a
     ``functools.partial`` from a config), so the channel count never has to be written twice. ``projection_dim``
-    adds a linear layer (a learned whitening / dimensionality reduction); ``normalize`` L2-normalises the output
+    adds a linear layer (a learned projection / dimensionality reduction), ``whitening`` a fitted
+    :class:`aggnets.heads.Whitening` (PCA or learned Lw, :mod:`aggnets.retrieval`); ``normalize`` L2-normalises the output
     (retrieval); a classifier usually keeps it off.
     """
 
     def __init__(self, backbone: nn.Module, head: HeadSpec, *, projection_dim: Optional[int] = None,
-                 normalize: bool = True) -> None:
+                 normalize: bool = True, whitening: Optional[nn.Module] = None) -> None:
         super().__init__()
         in_channels = _out_channels(backbone)
         if not isinstance(head, nn.Module):
@@ -55,6 +56,22 @@ class Embedder(nn.Module):
         self.projection = nn.Linear(head.out_dim, projection_dim) if projection_dim else None
         self.normalize = normalize
         self.out_dim = projection_dim or head.out_dim
+        self.whitening: Optional[nn.Module] = None
+        if whitening is not None:
+            self.set_whitening(whitening)
+
+    def set_whitening(self, whitening: Optional[nn.Module]) -> None:
+        """Append a fitted (PCA / learned) :class:`aggnets.heads.Whitening` after the head (and projection): it
+        trains with the model and is saved in its state_dict (``whitening.weight``, ``whitening.bias``)."""
+        if whitening is not None:
+            in_features = getattr(whitening, "in_features", None)
+            before = self.projection.out_features if self.projection is not None else self.head.out_dim
+            if in_features != before:
+                raise ValueError(f"Embedder: the whitening expects {in_features}-d input, the descriptor before it "
+                                 f"has {before}")
+        self.whitening = whitening
+        self.out_dim = whitening.out_features if whitening is not None else (
+            self.projection.out_features if self.projection is not None else self.head.out_dim)
 
     def features(self, images: Tensor) -> Tensor:
         """The backbone's (B, C, H, W) feature map (the head's input)."""
@@ -65,6 +82,8 @@ class Embedder(nn.Module):
         descriptor = self.head(self.features(images), mask)
         if self.projection is not None:
             descriptor = self.projection(descriptor)
+        if self.whitening is not None:
+            descriptor = self.whitening(descriptor)
         return l2_normalize(descriptor, dim=1) if self.normalize else descriptor
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from aggnets import retrieval as R
 from aggnets.codebook import fit_head_codebook
+from aggnets.functional.norm import signed_power
 from aggnets.inspect import codebook_heads
 from aggnets.models import Embedder
 
@@ -56,6 +57,10 @@ def build_embedder(cfg: DictConfig) -> tuple[Embedder, dict]:
         weights = state["state_dict"]
         prefix = "model.embedder." if any(k.startswith("model.embedder.") for k in weights) else "model."
         own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if "whitening.weight" in own:  # a fitted whitening trained with the model (task.whitening)
+            from aggnets.heads import Whitening
+            out_features, in_features = own["whitening.weight"].shape
+            embedder.set_whitening(Whitening(in_features, out_features))
         missing, unexpected = embedder.load_state_dict(own, strict=False)
         if missing:
             raise ConfigError(f"checkpoint: {cfg.checkpoint} lacks {len(missing)} weights of the model, e.g. "
@@ -126,6 +131,9 @@ def run_extract(cfg: DictConfig) -> str:
 
 def _post_process(queries: Tensor, database: Tensor, cfg: DictConfig) -> tuple[Tensor, Tensor]:
     post = cfg.post
+    if post.get("power") is not None:  # signed power normalisation sign(x)|x|^power, then L2
+        queries, database = (torch.nn.functional.normalize(signed_power(x, float(post.power)), dim=1)
+                             for x in (queries, database))
     if post.get("whitening"):
         whitening = R.load_whitening(post.whitening)
         if whitening.in_features != queries.shape[1]:
@@ -168,15 +176,27 @@ def _protocol_inputs(cfg: DictConfig) -> dict[str, Any]:
     raise ConfigError(f"eval.protocol: expected 'pairs', 'revisited' or 'place', got {ev.protocol!r}")
 
 
-def _evaluate(protocol: str, scores: Tensor, inputs: dict, cfg: DictConfig) -> dict[str, float]:
+def _rank(queries: Tensor, database: Tensor, cfg: DictConfig) -> Any:
+    """Exact scores (Q, N), or, with ``search.index`` (a faiss factory string such as "IVF1024,PQ32"), the
+    top ``search.k`` indices of an approximate search (a partial ranking; AP then counts unranked positives as
+    missed)."""
+    search = cfg.get("search") or {}
+    if not search.get("index"):
+        return (queries @ database.T).numpy()
+    k = min(int(search.get("k", 100)), len(database))
+    _, indices = R.approximate_knn(queries.numpy(), database.numpy(), k, index=search.index,
+                                   nprobe=int(search.get("nprobe", 16)))
+    return indices
+
+
+def _evaluate(protocol: str, scores: Any, inputs: dict, cfg: DictConfig) -> dict[str, float]:
     if protocol == "pairs":
-        return R.evaluate_pairs(scores.numpy(), inputs["gt"])
+        return R.evaluate_pairs(scores, inputs["gt"])
     if protocol == "revisited":
-        results = R.evaluate_revisited(scores.numpy(), inputs["gt"])
+        results = R.evaluate_revisited(scores, inputs["gt"])
         return {f"{setting}/{k}": v for setting, values in results.items() for k, v in values.items()}
     query_pos, db_pos = inputs["positions"]
-    return R.recall_at_n(scores.numpy(), query_pos, db_pos, ns=tuple(cfg.eval.recall_ns),
-                         threshold=float(cfg.eval.threshold))
+    return R.recall_at_n(scores, query_pos, db_pos, ns=tuple(cfg.eval.recall_ns), threshold=float(cfg.eval.threshold))
 
 
 def run_evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -192,7 +212,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
     else:
         queries = _extract(embedder, inputs["queries"], cfg, inputs.get("boxes")).cpu()
     queries, database = _post_process(queries.double(), database.double(), cfg)
-    results = _evaluate(cfg.eval.protocol, queries @ database.T, inputs, cfg)
+    results = _evaluate(cfg.eval.protocol, _rank(queries, database, cfg), inputs, cfg)
     output_dir = cfg.output_dir
     os.makedirs(output_dir, exist_ok=True)
     db_names, q_names = inputs["names"]

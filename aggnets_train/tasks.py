@@ -24,7 +24,8 @@ _TOTAL_STEPS_ARGS = ("total_steps", "T_max", "total_iters")
 class EmbeddingTask(L.LightningModule):
     """What both tasks share: the model (an :class:`aggnets.Embedder`, or a :class:`aggnets.Classifier` around
     one; ``task.model`` is a plain module to use elsewhere), the optimiser with its two learning rates, the scheduler, and
-    optional ``torch.compile``.
+    optional ``torch.compile``; ``whitening`` (a file of :func:`aggnets.retrieval.save_whitening`) appends a fitted
+    whitening to the embedder, trained with the head and saved in the checkpoint.
 
     ``optimizer`` / ``scheduler`` are factories (``_partial_: true`` in the config). The backbone trains at
     ``backbone_lr`` (None = the optimiser's lr; 0 freezes it), everything else at the optimiser's lr. A scheduler
@@ -34,9 +35,13 @@ class EmbeddingTask(L.LightningModule):
 
     def __init__(self, backbone: nn.Module, head: Any, *, optimizer: OptimizerFactory,
                  scheduler: Optional[SchedulerFactory] = None, backbone_lr: Optional[float] = None,
-                 projection_dim: Optional[int] = None, normalize: bool = True, compile: bool = False) -> None:
+                 projection_dim: Optional[int] = None, normalize: bool = True, compile: bool = False,
+                 whitening: Optional[str] = None) -> None:
         super().__init__()
         self.model: nn.Module = Embedder(backbone, head, projection_dim=projection_dim, normalize=normalize)
+        if whitening:  # a file from aggnets.retrieval.save_whitening: fine-tuned with the head
+            from aggnets.retrieval import load_whitening
+            self.embedder.set_whitening(load_whitening(whitening))
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.backbone_lr = backbone_lr
@@ -164,9 +169,10 @@ class MetricLearningTask(EmbeddingTask):
     def __init__(self, backbone: nn.Module, head: Any, *, loss: nn.Module, optimizer: OptimizerFactory,
                  miner: Optional[nn.Module] = None, scheduler: Optional[SchedulerFactory] = None,
                  backbone_lr: Optional[float] = None, projection_dim: Optional[int] = None,
-                 recall_ks: tuple[int, ...] = (1, 5, 10), compile: bool = False) -> None:
+                 recall_ks: tuple[int, ...] = (1, 5, 10), compile: bool = False,
+                 whitening: Optional[str] = None) -> None:
         super().__init__(backbone, head, optimizer=optimizer, scheduler=scheduler, backbone_lr=backbone_lr,
-                         projection_dim=projection_dim, normalize=True, compile=compile)
+                         projection_dim=projection_dim, normalize=True, compile=compile, whitening=whitening)
         self.loss = loss
         self.miner = miner
         self.recall_ks = tuple(recall_ks)

@@ -88,6 +88,10 @@ def test_evaluate_pairs_protocol_and_post_processing(tmp_path):
     whitened = run_evaluate(compose_config("evaluate", *common, f"output_dir={tmp_path / 'out2'}",
                                            f"post.whitening={tmp_path / 'w.pt'}", "post.qe_k=1"))
     assert 0.0 < whitened["mAP"] <= 100.0
+    approximate = run_evaluate(compose_config("evaluate", *common, f"output_dir={tmp_path / 'out4'}",
+                                              "post.power=0.5", "search.index='IVF2,Flat'", "search.k=5",
+                                              "search.nprobe=2"))
+    assert 0.0 < approximate["mAP"] <= 100.0
     R.save_whitening(R.fit_pca_whitening(torch.randn(20, 8).double()), tmp_path / "w8.pt")
     with pytest.raises(ConfigError, match=r"^post\.whitening: .* expects 8-d descriptors, the model gives 40"):
         run_evaluate(compose_config("evaluate", *common, f"output_dir={tmp_path / 'out3'}",
@@ -135,3 +139,53 @@ def test_empty_image_folder_and_unknown_protocol_are_named(tmp_path):
         run_extract(compose_config("extract", f"images={tmp_path / 'empty'}", f"output={tmp_path / 'd.npy'}"))
     with pytest.raises(ConfigError, match=r"^eval\.protocol: expected 'pairs', 'revisited' or 'place'"):
         run_evaluate(compose_config("evaluate", "eval.protocol=oxford", f"output_dir={tmp_path}"))
+
+
+def test_approximate_search_agrees_with_exact_on_clustered_data():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(8, 32, generator=generator), dim=1)
+    database = torch.nn.functional.normalize(centres.repeat(50, 1) + 0.05 * torch.randn(400, 32, generator=generator),
+                                             dim=1)
+    queries = database[:40] + 0.01 * torch.randn(40, 32, generator=generator)
+    _, exact = R.knn(queries, database, 1)
+    _, approx = R.approximate_knn(queries, database, 10, index="IVF8,Flat", nprobe=8)
+    assert (approx[:, 0] == exact[:, 0].numpy()).mean() == 1.0  # all lists probed: exact
+    _, compressed = R.approximate_knn(queries, database, 10, index="IVF8,PQ8", nprobe=2)
+    found = np.array([exact[i, 0].item() in compressed[i] for i in range(40)])
+    assert found.mean() >= 0.8
+
+
+def test_a_fitted_whitening_travels_with_the_embedder_and_its_checkpoint(tmp_path):
+    from aggnets.backbones import build_backbone
+    from aggnets.heads import GeM, Whitening
+    from aggnets.models import Embedder
+    backbone = build_backbone("resnet18", "layer1")
+    whitening = R.fit_pca_whitening(torch.randn(100, 64).double(), dim=16).float()
+    embedder = Embedder(backbone, GeM(64), whitening=whitening)
+    assert embedder.out_dim == 16 and embedder(torch.rand(2, 3, 32, 32)).shape == (2, 16)
+    assert {"whitening.weight", "whitening.bias"} <= set(embedder.state_dict())
+    with pytest.raises(ValueError, match="whitening expects 16-d input, the descriptor before it has 64"):
+        Embedder(backbone, GeM(64), whitening=Whitening(16, 8))
+
+
+def test_metric_learning_fine_tunes_a_whitening_file_and_the_checkpoint_keeps_it(tmp_path):
+    from omegaconf import OmegaConf
+    from tests.test_training import SMALL, compose_train
+    from aggnets_train.run import build_run
+    R.save_whitening(R.fit_pca_whitening(torch.randn(200, 40).double(), dim=8).float(), tmp_path / "w.pt")
+    run_dir = tmp_path / "run"
+    cfg = compose_train(*SMALL, f"paths.output_dir={run_dir}", "experiment=motifs_metric_learning", "head=gem",
+                        "data.batch_size=16", "task.projection_dim=null", f"task.whitening={tmp_path / 'w.pt'}",
+                        "trainer.max_steps=2",
+                        "trainer.limit_val_batches=0", "test=false")
+    run = build_run(cfg)
+    before = run.task.embedder.whitening.weight.detach().clone()
+    run.trainer.fit(run.task, datamodule=run.datamodule)
+    assert not torch.equal(before, run.task.embedder.whitening.weight)  # fine-tuned with the head
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    embedder, _ = build_embedder(compose_config("extract", f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
+                                                "images=unused"))
+    images = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(embedder(images), run.task.embedder.eval()(images))
+    assert embedder.out_dim == 8

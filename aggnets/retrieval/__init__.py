@@ -11,7 +11,7 @@ from .extraction import (BATCHING_MODES, DESCRIPTORS_FILE_FORMAT, LoadedDescript
 from .pairs import (IMAGE_EXTENSIONS, PairsGroundTruth, chance_level, evaluate_pairs, load_pairs_csv,
                     pairs_per_query)
 from .query_expansion import alpha_query_expansion, average_query_expansion, database_side_augmentation
-from .search import KNN_ENGINES, KNN_METRICS, as_ranking, knn, ranking_from_scores, resolve_kind
+from .search import KNN_ENGINES, KNN_METRICS, approximate_knn, as_ranking, knn, ranking_from_scores, resolve_kind
 from .whitening import (fit_learned_whitening, fit_pca_whitening, learned_whitening_params, load_whitening,
                         pca_whitening_params, save_whitening)
 
@@ -24,7 +24,7 @@ __all__ = [
     "pca_whitening_params", "save_whitening", "alpha_query_expansion", "average_query_expansion",
     "database_side_augmentation",
     # search and evaluation
-    "KNN_ENGINES", "KNN_METRICS", "as_ranking", "knn", "ranking_from_scores", "resolve_kind", "AP_VARIANTS",
+    "KNN_ENGINES", "KNN_METRICS", "approximate_knn", "as_ranking", "knn", "ranking_from_scores", "resolve_kind", "AP_VARIANTS",
     "REVISITED_SETTINGS", "RefusedGlobalError", "RevisitedGroundTruth", "average_precision", "evaluate_revisited",
     "load_revisited_gnd", "load_utm_csv", "parse_utm_from_filename", "positions_from_filenames",
     "positive_positions", "precision_at_k", "recall_at_n", "revisited_per_query", "revisited_split",

@@ -13,7 +13,7 @@ into a validated ranking matrix: row ``q`` holds database indices, best first.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -242,3 +242,33 @@ def as_ranking(scores_or_ranks: ArrayLike, num_db: int | None = None,
         raise ValueError(f"{name}: a ranking must hold integer database indices, got dtype {a.dtype}")
     _check_ranking(a, num_db, name)
     return a.astype(np.int64, copy=False)
+
+
+def approximate_knn(queries: ArrayLike, database: ArrayLike, k: int, *, index: str = "IVF256,PQ16",
+                    nprobe: int = 16, train_size: Optional[int] = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate inner-product k-NN with a faiss index built by ``faiss.index_factory`` (e.g. ``"IVF4096,PQ64"``:
+    inverted lists + product quantisation, for databases too large for exact search), probing ``nprobe`` lists.
+
+    The index is trained on ``train_size`` database vectors (all by default; faiss wants ~40 per list), then the
+    whole database is added: memory is the compressed codes (e.g. 64 bytes per vector for PQ64), not N x D floats.
+    Returns ``(scores, indices)`` (Q, k) numpy arrays, best first; indices are -1 where fewer than k were found.
+    """
+    _check_knn_args(queries, database, k, "ip", "faiss")
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError("approximate_knn needs faiss: pip install faiss-cpu (or aggnets[faiss])") from error
+    q = np.ascontiguousarray(_to_numpy(queries, "queries"), dtype=np.float32)
+    x = np.ascontiguousarray(_to_numpy(database, "database"), dtype=np.float32)
+    built = faiss.index_factory(x.shape[1], index, faiss.METRIC_INNER_PRODUCT)
+    if not built.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = x if train_size is None or train_size >= len(x) else x[rng.choice(len(x), train_size, replace=False)]
+        built.train(sample)
+    built.add(x)
+    if hasattr(built, "nprobe"):
+        built.nprobe = int(nprobe)
+    else:
+        faiss.ParameterSpace().set_index_parameter(built, "nprobe", int(nprobe))
+    scores, indices = built.search(q, int(k))
+    return scores, indices.astype(np.int64)
