@@ -171,7 +171,7 @@ def _protocol_inputs(cfg: DictConfig) -> dict[str, Any]:
         q_root, q_names = list_images(ev.queries)
         return {"database": [os.path.join(db_root, n) for n in db_names],
                 "queries": [os.path.join(q_root, n) for n in q_names],
-                "positions": (R.positions_from_filenames(q_names), R.positions_from_filenames(db_names)),
+                "positions": _place_positions(ev.get("utm_csv"), q_names, db_names),
                 "names": (db_names, q_names)}
     raise ConfigError(f"eval.protocol: expected 'pairs', 'revisited' or 'place', got {ev.protocol!r}")
 
@@ -187,6 +187,20 @@ def _rank(queries: Tensor, database: Tensor, cfg: DictConfig) -> Any:
     _, indices = R.approximate_knn(queries.numpy(), database.numpy(), k, index=search.index,
                                    nprobe=int(search.get("nprobe", 16)))
     return indices
+
+
+def _place_positions(utm_csv: Optional[str], q_names: list[str], db_names: list[str]) -> tuple[Any, Any]:
+    """UTM positions of the queries and the database: from a ``name,utm_east,utm_north`` CSV (names as listed
+    under their folders), else parsed from the file names (``@east@north@...``)."""
+    if not utm_csv:
+        return R.positions_from_filenames(q_names), R.positions_from_filenames(db_names)
+    names, positions = R.load_utm_csv(utm_csv)
+    where = dict(zip(names, positions))
+    missing = [n for n in q_names + db_names if n not in where]
+    if missing:
+        raise ConfigError(f"eval.utm_csv: {len(missing)} images have no row in {utm_csv}, e.g. {missing[:3]}")
+    return (torch.tensor([list(where[n]) for n in q_names]).numpy(),
+            torch.tensor([list(where[n]) for n in db_names]).numpy())
 
 
 def _evaluate(protocol: str, scores: Any, inputs: dict, cfg: DictConfig) -> dict[str, float]:

@@ -189,3 +189,39 @@ def test_metric_learning_fine_tunes_a_whitening_file_and_the_checkpoint_keeps_it
     with torch.no_grad():
         torch.testing.assert_close(embedder(images), run.task.embedder.eval()(images))
     assert embedder.out_dim == 8
+
+
+def test_place_positions_from_a_utm_csv(tmp_path):
+    write_images(tmp_path / "database", 3, names=["a.png", "b.png", "c.png"])
+    write_images(tmp_path / "queries", 1, names=["q.png"])
+    rows = ["name,utm_east,utm_north", "a.png,0,0", "b.png,100,0", "c.png,200,0", "q.png,101,0"]
+    (tmp_path / "utm.csv").write_text("\n".join(rows) + "\n")
+    common = ["eval.protocol=place", f"eval.database={tmp_path / 'database'}", f"eval.queries={tmp_path / 'queries'}",
+              "eval.recall_ns=[1,3]", *FAST]
+    results = run_evaluate(compose_config("evaluate", *common, f"eval.utm_csv={tmp_path / 'utm.csv'}",
+                                          f"output_dir={tmp_path / 'out'}"))
+    assert results["R@3"] == 100.0
+    (tmp_path / "utm.csv").write_text("\n".join(rows[:-1]) + "\n")
+    with pytest.raises(ConfigError, match=r"^eval\.utm_csv: 1 images have no row"):
+        run_evaluate(compose_config("evaluate", *common, f"eval.utm_csv={tmp_path / 'utm.csv'}",
+                                    f"output_dir={tmp_path / 'out2'}"))
+
+
+def test_fit_whitening_script_pca_and_learned(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fit_whitening", CONF.parent / "scripts" / "fit_whitening.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    names = [f"{i}.png" for i in range(30)]
+    R.save_descriptors(tmp_path / "d.npy", np.random.default_rng(0).standard_normal((30, 12)).astype("float32"),
+                       names, {})
+    pca = script.main(["--descriptors", str(tmp_path / "d.npy"), "--dim", "5", "--out", str(tmp_path / "p.pt")])
+    assert pca.out_features == 5 and R.load_whitening(tmp_path / "p.pt").out_features == 5
+    (tmp_path / "pairs.csv").write_text("query,positive\n" + "".join(f"{i}.png,{i + 1}.png\n" for i in range(0, 30, 2)))
+    lw = script.main(["--descriptors", str(tmp_path / "d.npy"), "--pairs", str(tmp_path / "pairs.csv"),
+                      "--out", str(tmp_path / "lw.pt")])
+    assert lw.out_features == 12
+    (tmp_path / "bad.csv").write_text("query,positive\n0.png,nope.png\n")
+    with pytest.raises(ValueError, match=r"^--pairs: 1 names are not in the descriptors file"):
+        script.main(["--descriptors", str(tmp_path / "d.npy"), "--pairs", str(tmp_path / "bad.csv"),
+                     "--out", str(tmp_path / "x.pt")])
