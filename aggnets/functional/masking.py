@@ -6,6 +6,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .checks import is_tracing
+
 __all__ = ["zero_masked", "flatten_positions", "valid_boxes", "map_valid_boxes"]
 
 
@@ -25,7 +27,10 @@ def flatten_positions(x: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Option
     """
     flat = x.flatten(2)
     if mask is None:
-        counts = torch.full((x.shape[0], 1), float(flat.shape[-1]), dtype=flat.dtype, device=flat.device)
+        if is_tracing():  # N from the graph's shape, not a Python constant (ONNX / torch.export with dynamic H, W)
+            counts = torch.ones_like(flat[:, :1, :]).sum(dim=-1)
+        else:
+            counts = torch.full((x.shape[0], 1), float(flat.shape[-1]), dtype=flat.dtype, device=flat.device)
         return flat, None, counts
     valid = mask.flatten(1).unsqueeze(1)
     flat = torch.where(valid, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))

@@ -27,6 +27,11 @@ def _axis_index(length: int, cells: int, device: torch.device) -> tuple[Tensor, 
     return torch.minimum(index, ends - 1), valid, size
 
 
+def _equal_cells(length: int, cells: int) -> bool:
+    """Whether every cell along an axis has the same size (then no cell needs padding)."""
+    return len({end - start for start, end in cell_bounds(length, cells)}) == 1
+
+
 def pyramid_cells(x: Tensor, level: int, mask: Optional[Tensor] = None
                   ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Split (B, C, H, W) into ``level`` x ``level`` cells stacked as (B * level^2, C, h, w), row-major per image.
@@ -44,7 +49,7 @@ def pyramid_cells(x: Tensor, level: int, mask: Optional[Tensor] = None
     cells = cells.reshape(batch * level * level, channels, cell_h, cell_w)
     geometric = (row_valid[:, None, :, None] & col_valid[None, :, None, :])            # (l, l, h, w)
     if mask is None:
-        if bool(geometric.all()):
+        if _equal_cells(height, level) and _equal_cells(width, level):  # from the shape, not data (torch.export)
             return cells, None, None
         cell_mask = geometric.expand(batch, -1, -1, -1, -1).reshape(-1, cell_h, cell_w)
         return cells, cell_mask, None
