@@ -3,6 +3,7 @@
     python scripts/bench_heads.py                      # CPU: B=8, C=1024, 28x28, K=64 (B=32 on CUDA)
     python scripts/bench_heads.py --device cuda
     python scripts/bench_heads.py --cases netvlad,netvlad_loop --repeats 3
+    python scripts/bench_heads.py --cases netvlad,netfv,gem,rmac --compile   # + torch.compile (inductor) column
 
 Each case runs in its own subprocess so that CPU peak memory can be read from the process high-water mark
 (ru_maxrss minus the resident size just before the first forward pass); on CUDA it is
@@ -139,8 +140,40 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         step()
         sync()
         times.append(time.perf_counter() - start)
-    return {"case": name, "ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
-            "peak_mb": max(peak, 0) / 2**20, "out_dim": head.out_dim, "backward": differentiable}
+    result = {"case": name, "ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
+              "peak_mb": max(peak, 0) / 2**20, "out_dim": head.out_dim, "backward": differentiable}
+    if args.compile:
+        result.update(time_compiled(head, x, differentiable, args.repeats, sync))
+    return result
+
+
+def time_compiled(head: torch.nn.Module, x: torch.Tensor, differentiable: bool, repeats: int,
+                  sync: Callable[[], None]) -> dict:
+    """Forward + backward of ``torch.compile(head)`` (inductor), timed after warm-up (compilation excluded).
+
+    Measured after the eager run in the same process, so the eager peak memory above is unaffected.
+    """
+    compiled = torch.compile(head, backend="inductor")
+
+    def step() -> None:
+        y = compiled(x)
+        if differentiable:
+            y.backward(torch.ones_like(y))
+        x.grad = None
+        head.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    step(); sync()  # compiles the forward and backward graphs
+    compile_s = time.perf_counter() - start
+    step(); sync()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"compiled_ms": 1e3 * statistics.median(times), "compiled_ms_min": 1e3 * min(times), "compile_s": compile_s}
 
 
 def gemm_rate(device: str, n: int = 2048, repeats: int = 5) -> float:
@@ -166,6 +199,8 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(head) (inductor, after warm-up; compile time reported apart)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.batch is None:
@@ -184,13 +219,17 @@ def main() -> None:
     print(f"# x: ({args.batch}, {args.channels}, {args.size}, {args.size}), K={args.clusters}, forward+backward, "
           f"median of {args.repeats}; GEMM rate {rate / 1e9:.1f} GFLOP/s; "
           f"NetVLAD floor {1e3 * floors['netvlad'] / rate:.1f} ms, NetFV floor {1e3 * floors['netfv'] / rate:.1f} ms")
-    print("| case | fwd+bwd ms | peak extra MB | out_dim | note |")
-    print("|---|---:|---:|---:|---|")
+    if args.compile:
+        print("| case | fwd+bwd ms | compiled ms | speed-up (median; min) | compile s | peak extra MB | out_dim | note |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
+    else:
+        print("| case | fwd+bwd ms | peak extra MB | out_dim | note |")
+        print("|---|---:|---:|---:|---|")
     results = {}
     for name in args.cases.split(","):
         command = [sys.executable, __file__, "--case", name, "--device", args.device, "--batch", str(args.batch),
                    "--channels", str(args.channels), "--size", str(args.size), "--clusters", str(args.clusters),
-                   "--repeats", str(args.repeats)]
+                   "--repeats", str(args.repeats)] + (["--compile"] if args.compile else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"| {name} | failed | | | {done.stderr.strip().splitlines()[-1] if done.stderr else ''} |")
@@ -206,7 +245,13 @@ def main() -> None:
                            ("gem", "gem_plain")):
             if name == slow and fast in results:
                 note = f"{result['ms'] / results[fast]['ms']:.2f}x the time of {fast}"
-        print(f"| {name} | {result['ms']:.1f} | {result['peak_mb']:.0f} | {result['out_dim']} | {note} |", flush=True)
+        compiled = ""
+        if args.compile:
+            compiled = (f" {result['compiled_ms']:.1f} | {result['ms'] / result['compiled_ms']:.2f}x; "
+                        f"{result['ms_min'] / result['compiled_ms_min']:.2f}x | "
+                        f"{result['compile_s']:.1f} |")
+        print(f"| {name} | {result['ms']:.1f} |{compiled} {result['peak_mb']:.0f} | {result['out_dim']} | {note} |",
+              flush=True)
 
 
 if __name__ == "__main__":
