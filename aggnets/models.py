@@ -55,10 +55,16 @@ class Embedder(nn.Module):
         self.head = head
         self.projection = nn.Linear(head.out_dim, projection_dim) if projection_dim else None
         self.normalize = normalize
-        self.out_dim = projection_dim or head.out_dim
         self.whitening: Optional[nn.Module] = None
         if whitening is not None:
             self.set_whitening(whitening)
+
+    @property
+    def out_dim(self) -> int:
+        """The descriptor size: the whitening's, else the projection's, else the head's."""
+        if self.whitening is not None:
+            return self.whitening.out_features
+        return self.projection.out_features if self.projection is not None else self.head.out_dim
 
     def set_whitening(self, whitening: Optional[nn.Module]) -> None:
         """Append a fitted (PCA / learned) :class:`aggnets.heads.Whitening` after the head (and projection): it
@@ -70,8 +76,6 @@ class Embedder(nn.Module):
                 raise ValueError(f"Embedder: the whitening expects {in_features}-d input, the descriptor before it "
                                  f"has {before}")
         self.whitening = whitening
-        self.out_dim = whitening.out_features if whitening is not None else (
-            self.projection.out_features if self.projection is not None else self.head.out_dim)
 
     def features(self, images: Tensor) -> Tensor:
         """The backbone's (B, C, H, W) feature map (the head's input)."""

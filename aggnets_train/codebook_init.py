@@ -61,9 +61,10 @@ class CodebookInit(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         flag = getattr(pl_module, "codebook_initialized", None)
         heads = codebook_heads(pl_module.embedder.head) if hasattr(pl_module, "embedder") else []
-        if not self.enabled or not heads or (flag is not None and bool(flag)):
-            if heads and not self.enabled and (flag is None or not bool(flag)):
-                log.warning("CodebookInit disabled: the codebook heads start from random centroids")
+        if not heads or (flag is not None and bool(flag)):
+            return
+        if not self.enabled:
+            log.warning("CodebookInit disabled: the codebook heads start from random centroids")
             return
         backbone = pl_module.embedder.backbone
         loader = self._loader(trainer)

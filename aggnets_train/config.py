@@ -115,8 +115,7 @@ def check_config(node: Any, key: str, *, allow_missing: frozenset[str] = frozens
 def build(node: Any, key: str, *args: Any, partial: bool = False, **kwargs: Any) -> Any:
     """``check_config`` then ``instantiate`` (``partial=True``: a factory to call later); any error raised by the
     target comes back as a :class:`ConfigError` that names ``key`` and the target."""
-    check_config(node, key, allow_missing=frozenset(AUTO_FILLED | set(kwargs)) if kwargs else
-                 frozenset(AUTO_FILLED))
+    check_config(node, key, allow_missing=frozenset(AUTO_FILLED | set(kwargs)))
     try:
         return instantiate(node, *args, _partial_=True, **kwargs) if partial else instantiate(node, *args, **kwargs)
     except ConfigError:

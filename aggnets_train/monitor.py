@@ -15,11 +15,14 @@ from aggnets.inspect import UsageAccumulator, assignment_overlay, codebook_heads
 __all__ = ["HeadMonitor"]
 
 
+def tensorboard_logger(loggers: list) -> Optional[Any]:
+    """The run's TensorBoardLogger, if it has one."""
+    return next((logger for logger in loggers if type(logger).__name__ == "TensorBoardLogger"), None)
+
+
 def _tensorboard(trainer: L.Trainer) -> Optional[Any]:
-    for logger in trainer.loggers:
-        if type(logger).__name__ == "TensorBoardLogger":
-            return logger.experiment
-    return None
+    logger = tensorboard_logger(trainer.loggers)
+    return logger.experiment if logger is not None else None
 
 
 def _tag(name: str) -> str:

@@ -24,7 +24,6 @@ from .config import ConfigError, build, build_head
 __all__ = ["build_embedder", "list_images", "run_extract", "run_evaluate"]
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _checkpoint_state(path: str) -> dict:
@@ -78,7 +77,7 @@ def list_images(spec: str) -> tuple[str, list[str]]:
     relative to the file's folder)."""
     path = Path(spec)
     if path.is_dir():
-        names = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        names = R.scan_images(path)
         root = path
     elif path.is_file():
         root = path.parent

@@ -13,6 +13,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, build, build_head, call
+from .monitor import tensorboard_logger
 
 __all__ = ["Run", "build_run", "train"]
 
@@ -99,10 +100,8 @@ def _one_console_log() -> None:
 
 
 def _tensorboard_dir(loggers: list) -> Optional[str]:
-    for logger in loggers:
-        if type(logger).__name__ == "TensorBoardLogger":
-            return logger.log_dir
-    return None
+    logger = tensorboard_logger(loggers)
+    return logger.log_dir if logger is not None else None
 
 
 def _metric_value(metrics: dict, name: Optional[str]) -> Optional[float]:

@@ -9,7 +9,7 @@ from .evaluation import (AP_VARIANTS, REVISITED_SETTINGS, RefusedGlobalError, Re
 from .extraction import (BATCHING_MODES, DESCRIPTORS_FILE_FORMAT, LoadedDescriptors, extract_descriptors,
                          feature_mask, load_descriptors, load_image, masking_problem, pad_batch, save_descriptors)
 from .pairs import (IMAGE_EXTENSIONS, PairsGroundTruth, chance_level, evaluate_pairs, load_pairs_csv,
-                    pairs_per_query)
+                    pairs_per_query, scan_images)
 from .query_expansion import alpha_query_expansion, average_query_expansion, database_side_augmentation
 from .search import KNN_ENGINES, KNN_METRICS, approximate_knn, as_ranking, knn, ranking_from_scores, resolve_kind
 from .whitening import (fit_learned_whitening, fit_pca_whitening, learned_whitening_params, load_whitening,
@@ -29,5 +29,5 @@ __all__ = [
     "load_revisited_gnd", "load_utm_csv", "parse_utm_from_filename", "positions_from_filenames",
     "positive_positions", "precision_at_k", "recall_at_n", "revisited_per_query", "revisited_split",
     # own images + CSV of pairs
-    "IMAGE_EXTENSIONS", "PairsGroundTruth", "chance_level", "evaluate_pairs", "load_pairs_csv", "pairs_per_query",
+    "IMAGE_EXTENSIONS", "PairsGroundTruth", "chance_level", "evaluate_pairs", "load_pairs_csv", "pairs_per_query", "scan_images",
 ]

@@ -32,7 +32,7 @@ import numpy as np
 from .evaluation import _check_ks, average_precision
 from .search import ArrayLike, _to_numpy, as_ranking, resolve_kind
 
-__all__ = ["IMAGE_EXTENSIONS", "PairsGroundTruth", "load_pairs_csv", "evaluate_pairs", "pairs_per_query",
+__all__ = ["IMAGE_EXTENSIONS", "PairsGroundTruth", "scan_images", "load_pairs_csv", "evaluate_pairs", "pairs_per_query",
            "chance_level"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -76,7 +76,9 @@ def _normalise_name(name: str) -> str:
     return str(PurePosixPath(*[part for part in PurePosixPath(name).parts if part not in (".", "")]))
 
 
-def _scan_images(root: Path) -> list[str]:
+def scan_images(root: str | os.PathLike) -> list[str]:
+    """Sorted POSIX paths, relative to ``root``, of every image file below it (:data:`IMAGE_EXTENSIONS`)."""
+    root = Path(root)
     names = []
     for dirpath, _, filenames in os.walk(root):
         for filename in filenames:
@@ -140,7 +142,7 @@ def load_pairs_csv(csv_path: str | os.PathLike, root: str | os.PathLike | None =
         raise FileNotFoundError(f"{csv_path}: {len(absent)} image(s) named in the CSV are missing under "
                                 f"{root_path}: {absent[:_SHOWN]}{' ...' if len(absent) > _SHOWN else ''}")
     if database is None:
-        names = _scan_images(root_path)
+        names = scan_images(root_path)
     else:
         names = sorted(dict.fromkeys(_normalise_name(str(name)) for name in database))
         absent = [name for name in names if not (root_path / name).is_file()]
