@@ -1,6 +1,7 @@
 """One LightningDataModule for every dataset: the datasets arrive built from the config (any ``Dataset`` of
 ``(image, label)`` pairs); this module only makes the loaders — shuffled, or P classes x K images per batch for
-metric learning (pytorch-metric-learning's ``MPerClassSampler``)."""
+metric learning — with orders drawn from ``(seed, epoch)`` so that a run resumed mid-epoch is exact
+(:mod:`aggnets_train.resumable`)."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -8,6 +9,8 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .resumable import ClassBalancedSampler, EpochShuffleSampler, ResumableLoader
 
 __all__ = ["ImageDataModule"]
 
@@ -26,12 +29,17 @@ class ImageDataModule(L.LightningDataModule):
 
     ``samples_per_class`` (K) switches the training loader to P x K batches: ``batch_size / K`` classes with K
     images each (``batch_size`` must be a multiple of K). Under DDP, Lightning shards every loader per rank.
+    The training order depends only on ``seed`` and the epoch (``seed=None``: the run's seed, ``train.py`` sets it).
+
+    P x K batches come from :class:`~aggnets_train.resumable.ClassBalancedSampler` rather than
+    pytorch-metric-learning's ``MPerClassSampler``: that one draws from NumPy's global generator when an epoch
+    starts, so a resumed run would see other batches.
     """
 
     def __init__(self, train: Dataset, val: Optional[Dataset] = None, test: Optional[Dataset] = None, *,
                  num_classes: Optional[int] = None, batch_size: int = 64, eval_batch_size: Optional[int] = None,
                  num_workers: int = 0, samples_per_class: Optional[int] = None, pin_memory: bool = False,
-                 drop_last: bool = True) -> None:
+                 drop_last: bool = True, seed: Optional[int] = None) -> None:
         super().__init__()
         if samples_per_class is not None and (samples_per_class < 2 or batch_size % samples_per_class):
             raise ValueError(f"data.samples_per_class must be >= 2 and divide data.batch_size ({batch_size}), "
@@ -49,19 +57,42 @@ class ImageDataModule(L.LightningDataModule):
         self.samples_per_class = samples_per_class
         self.pin_memory = pin_memory
         self.drop_last = drop_last
+        self.seed = seed
+        self._train_loader: Optional[ResumableLoader] = None
+        self._resume_state: Optional[dict[str, Any]] = None
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        # its own generator: evaluation never draws from (and so never shifts) the global random streams
         return DataLoader(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+                          persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(0),
+                          **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         drop_last = self.drop_last and len(self.train_set) > self.batch_size
+        seed = self.seed if self.seed is not None else torch.initial_seed() % 2**32
         if self.samples_per_class is None:
-            return self._loader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=drop_last)
-        from pytorch_metric_learning.samplers import MPerClassSampler
-        sampler = MPerClassSampler(dataset_targets(self.train_set), m=self.samples_per_class,
-                                   batch_size=self.batch_size, length_before_new_iter=len(self.train_set))
-        return self._loader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last)
+            sampler = EpochShuffleSampler(len(self.train_set), seed=seed)
+        else:
+            sampler = ClassBalancedSampler(dataset_targets(self.train_set), self.samples_per_class, self.batch_size,
+                                           length=len(self.train_set), seed=seed)
+        self._train_loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                                             drop_last=drop_last, seed=seed, num_workers=self.num_workers,
+                                             pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        if self._resume_state is not None:
+            self._train_loader.load_state_dict(self._resume_state)
+            self._resume_state = None
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: where the training loader is in its epoch, and the random generators."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """On resume (before or after the training loader exists): continue the epoch where it stopped."""
+        self._resume_state = state.get("train_loader")
+        if self._train_loader is not None and self._resume_state is not None:
+            self._train_loader.load_state_dict(self._resume_state)
+            self._resume_state = None
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
