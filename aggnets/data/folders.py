@@ -6,9 +6,14 @@ recognition: images grouped by landmark or place id (``root/<id>/*.jpg`` or a ``
 validation and test hold only unseen landmarks, as metric learning is evaluated.
 
 Both return ``(image (3, image_size, image_size) float32 in [0, 1], label)``: the image is read with PIL, converted
-to RGB, resized so its shorter side is ``image_size`` and centre-cropped (no distortion), or with ``augment=True``
+to RGB (any mode, 16-bit and transparency included: :mod:`aggnets.data.decode`), resized so its shorter side is ``image_size`` and centre-cropped (no distortion), or with ``augment=True``
 randomly resized-cropped (scale 0.5..1) and flipped. Backbones normalise the input themselves. Splits are
 deterministic given ``seed``.
+
+A file that cannot be decoded (empty, truncated, corrupt, too large) never stops a run: with
+``on_bad_image="skip"`` (the default) it is replaced by the next readable image of the dataset, and a
+:class:`BadImageWarning` names it with the count so far (``dataset.bad_images`` lists them, per process);
+``on_bad_image="raise"`` raises :class:`~aggnets.data.decode.UnreadableImageError` instead.
 """
 from __future__ import annotations
 
@@ -16,13 +21,17 @@ import csv as csv_module
 import os
 from typing import Callable, Optional, Sequence, Union
 
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["ImageFolderDataset", "LandmarkDataset", "image_transform"]
+from .decode import BAD_IMAGE_POLICIES, UnreadableImageError, open_rgb
+
+__all__ = ["ImageFolderDataset", "LandmarkDataset", "image_transform", "BadImageWarning"]
 
 PathLike = Union[str, os.PathLike]
 SPLITS = ("train", "val", "test")
@@ -39,9 +48,8 @@ def image_transform(image_size: int, augment: bool = False) -> Callable[[Image.I
     return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True)])
 
 
-def _load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+class BadImageWarning(UserWarning):
+    """An unreadable image file was skipped."""
 
 
 def _require_dir(root: PathLike) -> str:
@@ -112,14 +120,18 @@ class _FileImageDataset(Dataset):
     """Shared part: a list of image paths with int labels, loaded and transformed on access."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], classes: Sequence[str], image_size: int,
-                 augment: bool, what: str):
+                 augment: bool, what: str, on_bad_image: str = "skip"):
         if not paths:
             raise ValueError(f"{what} holds no image")
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
         self.paths = list(paths)
         self.targets = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.classes = list(classes)
         self.image_size, self.augment = int(image_size), augment
         self.transform = image_transform(self.image_size, augment)
+        self.on_bad_image = on_bad_image
+        self.bad_images: dict[str, str] = {}  # path -> reason, in this process
 
     @property
     def num_classes(self) -> int:
@@ -128,8 +140,30 @@ class _FileImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _load(self, index: int) -> Image.Image:
+        # random crops keep at least half the area: decode at twice the size they need, at least
+        return open_rgb(self.paths[index], min_size=self.image_size * (2 if self.augment else 1))
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.transform(_load_rgb(self.paths[index])), int(self.targets[index])
+        for offset in range(len(self.paths)):
+            candidate = (index + offset) % len(self.paths)
+            if self.paths[candidate] in self.bad_images:
+                continue
+            try:
+                image = self._load(candidate)
+            except UnreadableImageError as error:
+                if self.on_bad_image == "raise":
+                    raise
+                self._skipped(candidate, error)
+                continue
+            return self.transform(image), int(self.targets[candidate])
+        raise UnreadableImageError(f"{type(self).__name__}: none of the {len(self.paths)} images can be read")
+
+    def _skipped(self, index: int, error: UnreadableImageError) -> None:
+        self.bad_images[self.paths[index]] = str(error)
+        warnings.warn(f"{type(self).__name__}: skipped item {index}: {error}; {len(self.bad_images)} unreadable "
+                      "image(s) so far in this process, each replaced by the next readable one "
+                      "(on_bad_image='raise' stops instead)", BadImageWarning, stacklevel=3)
 
 
 def _split_folders(root: str) -> list[str]:
@@ -154,7 +188,7 @@ class ImageFolderDataset(_FileImageDataset):
 
     def __init__(self, root: PathLike, split: Optional[str] = None, *, image_size: int = 224, augment: bool = False,
                  val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-                 extensions: Optional[Sequence[str]] = None):
+                 extensions: Optional[Sequence[str]] = None, on_bad_image: str = "skip"):
         root = _require_dir(root)
         _check_split(split)
         _check_fractions(val_fraction, test_fraction)
@@ -178,7 +212,7 @@ class ImageFolderDataset(_FileImageDataset):
                 samples = [samples[i] for i in keep]
         what = f"split {split!r} of {root!r}" if split else repr(root)
         super().__init__([p for p, _ in samples], [label for _, label in samples], classes, image_size, augment,
-                         f"{what} (extensions {extensions})")
+                         f"{what} (extensions {extensions})", on_bad_image)
         self.root, self.split = root, split
 
 
@@ -194,7 +228,7 @@ class LandmarkDataset(_FileImageDataset):
 
     def __init__(self, root: PathLike, split: Optional[str] = None, *, csv: Optional[PathLike] = None,
                  image_size: int = 224, augment: bool = False, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                 seed: int = 0, min_images_per_id: int = 2):
+                 seed: int = 0, min_images_per_id: int = 2, on_bad_image: str = "skip"):
         root = _require_dir(root)
         _check_split(split)
         _check_fractions(val_fraction, test_fraction)
@@ -215,7 +249,7 @@ class LandmarkDataset(_FileImageDataset):
         paths = [path for image_id in ids for path in groups[image_id]]
         labels = [label for label, image_id in enumerate(ids) for _ in groups[image_id]]
         super().__init__(paths, labels, ids, image_size, augment,
-                         f"split {split!r} of {source} ({len(ids)} ids)" if split else source)
+                         f"split {split!r} of {source} ({len(ids)} ids)" if split else source, on_bad_image)
         self.root, self.split, self.ids = root, split, list(ids)
 
 

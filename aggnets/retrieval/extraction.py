@@ -115,25 +115,27 @@ def load_image(path: PathLike, max_size: Optional[int] = 1024, bbox: Optional[BB
                upscale: bool = True) -> Tensor:
     """An image file as a float32 (3, h, w) tensor in [0, 1], at its native aspect ratio.
 
-    Any PIL mode (grayscale, palette, alpha, CMYK, 16-bit) is converted to RGB. ``bbox`` = (x1, y1, x2, y2) in the
-    original pixel coordinates (rounded to ints, as PIL does) crops the image *before* resizing (the revisited
+    Any PIL mode is converted to RGB by :func:`aggnets.data.decode.to_rgb` (16-bit scaled to 8 bits, transparency
+    composited onto white); a file that cannot be decoded raises :class:`~aggnets.data.decode.UnreadableImageError`.
+    ``bbox`` = (x1, y1, x2, y2) in the original pixel coordinates (rounded to ints, as PIL does) crops the image *before* resizing (the revisited
     Oxford/Paris protocol crops the queries). The image (or crop) is then resized, antialiased (PIL bicubic), so
     that its longer side is ``max_size`` (``None``: no resizing; ``upscale=False``: smaller images keep their size).
     EXIF orientation tags are ignored (as the retrieval benchmarks do).
     """
     from PIL import Image
 
+    from ..data.decode import open_rgb
+
     _check_max_size(max_size)
     path = _check_file(path)
-    with Image.open(path) as image:
-        box = _crop_box(bbox, image.width, image.height, path)
-        if box is not None:
-            image = image.crop(box)
-        image = image.convert("RGB")
-        height, width = _resized(image.height, image.width, max_size, upscale)
-        if (height, width) != (image.height, image.width):
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
-        array = np.asarray(image, dtype=np.uint8).copy()
+    image = open_rgb(path)  # any mode to RGB (16-bit scaled, alpha on white); UnreadableImageError names the file
+    box = _crop_box(bbox, image.width, image.height, path)
+    if box is not None:
+        image = image.crop(box)
+    height, width = _resized(image.height, image.width, max_size, upscale)
+    if (height, width) != (image.height, image.width):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
