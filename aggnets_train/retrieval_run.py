@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import Tensor
 
 from aggnets import retrieval as R
@@ -37,7 +37,25 @@ def _run_config(checkpoint: str, run_config: Optional[str]) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"run_config: the training run's config.yaml was not found at {str(path)!r} "
                           "(pass run_config=/path/to/config.yaml)")
-    return OmegaConf.load(path)
+    run_cfg = OmegaConf.load(path)
+    for group in ("backbone", "head"):  # the only parts instantiated from it
+        _check_aggnets_targets(run_cfg.get(group), group, str(path))
+    return run_cfg
+
+
+def _check_aggnets_targets(node: Any, key: str, source: str) -> None:
+    """A run config may come with a downloaded checkpoint: its backbone and head may only name aggnets callables,
+    so that loading a model never runs arbitrary code (``_target_: os.system``)."""
+    if isinstance(node, DictConfig):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith("aggnets."):
+            raise ConfigError(f"{key}._target_: {target!r} in {source} is not an aggnets callable; a run config's "
+                              "backbone and head may only build aggnets objects")
+        for name in node.keys():
+            _check_aggnets_targets(node._get_node(name), f"{key}.{name}", source)
+    elif isinstance(node, ListConfig):
+        for index in range(len(node)):
+            _check_aggnets_targets(node._get_node(index), f"{key}[{index}]", source)
 
 
 def build_embedder(cfg: DictConfig) -> tuple[Embedder, dict]:

@@ -126,11 +126,12 @@ def train(cfg: DictConfig) -> Optional[float]:
         OmegaConf.save(cfg, os.path.join(output_dir, "config.yaml"), resolve=False)
     for logger in run.loggers:  # TensorBoard's HParams tab compares the runs of a sweep by these
         logger.log_hyperparams(flat_hyperparameters(cfg))
-    trainer.fit(run.task, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # checkpoints hold tensors and plain values only: never unpickle code from a checkpoint file
+    trainer.fit(run.task, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        results = trainer.test(run.task, datamodule=run.datamodule, ckpt_path=best or None, weights_only=False)
+        results = trainer.test(run.task, datamodule=run.datamodule, ckpt_path=best or None, weights_only=True)
         for row in results:
             metrics.update({k: float(v) for k, v in row.items()})
     if trainer.is_global_zero:
