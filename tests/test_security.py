@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
-from omegaconf.errors import GrammarParseError, UnsupportedInterpolationType
+from omegaconf.errors import GrammarParseError, InterpolationResolutionError, UnsupportedInterpolationType
 
 from aggnets.backbones.factory import load_weights_file
 from aggnets.retrieval import load_descriptors, load_whitening
@@ -108,7 +108,9 @@ def test_config_interpolation_cannot_evaluate_code(tmp_path):
     resolvers = set(BaseContainer._resolvers)
     assert resolvers <= {"now", "hydra", "oc.env", "oc.decode", "oc.create", "oc.deprecated", "oc.select",
                          "oc.dict.keys", "oc.dict.values", "python_version"}, resolvers
-    # oc.decode parses literals, it does not evaluate them
-    cfg = OmegaConf.create({"x": "${oc.decode:'__import__(\"os\").getcwd()'}"})
-    assert cfg.x == '__import__("os").getcwd()'
+    # oc.decode parses OmegaConf literals only: a Python expression is a parse error, not an evaluation
+    cfg = OmegaConf.create({"x": "${oc.decode:'__import__(\"os\").getcwd()'}", "y": "${oc.decode:'[1, 2]'}"})
+    assert list(cfg.y) == [1, 2]
+    with pytest.raises(InterpolationResolutionError, match="GrammarParseError"):
+        _ = cfg.x
     assert not marker.exists() and os.getcwd()
