@@ -1,7 +1,8 @@
-"""Input validation shared by every head: one clear error naming the argument."""
-from __future__ import annotations
+"""Input validation shared by every head: one clear error naming the argument.
 
-from typing import Optional
+Written in the TorchScript subset (a scripted head runs the same checks); the messages are the same in both.
+"""
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -16,6 +17,18 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _shape(x: Tensor) -> str:
+    """``str(tuple(x.shape))``, e.g. ``(2, 3)`` or ``(5,)``, written so that TorchScript gives the same text."""
+    sizes = [str(size) for size in x.shape]
+    return "(" + sizes[0] + ",)" if len(sizes) == 1 else "(" + ", ".join(sizes) + ")"
+
+
+def _check_is_tensor(value: object, name: str, expected: str) -> None:
+    """``TypeError`` unless ``value`` is a tensor (eager only: a TorchScript signature already enforces it)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: {expected}, got {type(value).__name__}")
+
+
 def check_feature_map(x: Tensor, mask: Optional[Tensor] = None, in_channels: Optional[int] = None,
                       name: str = "head") -> None:
     """Validate a feature map ``x`` (B, C, H, W) and an optional boolean ``mask`` (B, H, W).
@@ -23,36 +36,41 @@ def check_feature_map(x: Tensor, mask: Optional[Tensor] = None, in_channels: Opt
     Raises ``TypeError`` for wrong types/dtypes and ``ValueError`` for wrong shapes, an empty batch or map, a channel
     count different from ``in_channels``, or an image whose mask has no valid (True) position.
     Non-finite values are not checked (that would synchronise with the device); they propagate to the output unless
-    masked out.
+    masked out. Under TorchScript the dtypes in the messages print as TorchScript's dtype numbers.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if not torch.jit.is_scripting():
+        _check_is_tensor(x, name, "x must be a torch.Tensor of shape (B, C, H, W)")
     if not x.is_floating_point():
         raise TypeError(f"{name}: x must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
     if x.dim() != 4:
-        raise ValueError(f"{name}: x must be 4-D (B, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: x must be 4-D (B, C, H, W), got {x.dim()}-D with shape {_shape(x)}")
     batch, channels, height, width = x.shape
     if in_channels is not None and channels != in_channels:
         raise ValueError(f"{name}: x has {channels} channels but the head was built with in_channels={in_channels}"
-                         f" (x shape {tuple(x.shape)})")
+                         f" (x shape {_shape(x)})")
     if batch == 0:
-        raise ValueError(f"{name}: x has an empty batch (B=0), shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: x has an empty batch (B=0), shape {_shape(x)}")
     if height == 0 or width == 0:
-        raise ValueError(f"{name}: x has an empty spatial map (H={height}, W={width}), shape {tuple(x.shape)}")
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{name}: mask must be a bool torch.Tensor of shape (B, H, W), got {type(mask).__name__}")
+        raise ValueError(f"{name}: x has an empty spatial map (H={height}, W={width}), shape {_shape(x)}")
+    if mask is not None:
+        _check_mask(mask, x, name)
+
+
+def _check_mask(mask: Tensor, x: Tensor, name: str) -> None:
+    if not torch.jit.is_scripting():
+        _check_is_tensor(mask, name, "mask must be a bool torch.Tensor of shape (B, H, W)")
+    batch, height, width = x.shape[0], x.shape[2], x.shape[3]
     if mask.dtype != torch.bool:
         raise TypeError(f"{name}: mask must have dtype torch.bool (True = valid position), got {mask.dtype}")
-    if tuple(mask.shape) != (batch, height, width):
+    if list(mask.shape) != [batch, height, width]:
         raise ValueError(f"{name}: mask must have shape (B, H, W) = {(batch, height, width)} to match x, "
-                         f"got {tuple(mask.shape)}")
+                         f"got {_shape(mask)}")
     if mask.device != x.device:
         raise ValueError(f"{name}: mask is on {mask.device} but x is on {x.device}")
-    if not is_tracing():
+    # data-dependent (a device sync): skipped where a graph is captured, kept in a scripted module
+    if torch.jit.is_scripting() or not is_tracing():
         empty = ~mask.flatten(1).any(dim=1)
         if bool(empty.any()):
-            rows = empty.nonzero().flatten().tolist()
+            rows: List[int] = empty.nonzero().flatten().tolist()
             raise ValueError(f"{name}: mask has no valid (True) position for batch item(s) {rows}; "
                              "an image needs at least one valid position")

@@ -3,8 +3,6 @@
 Descriptors are the columns of ``X`` (B, C, N) from :func:`flatten_positions`; an assignment is ``A`` (B, K, N).
 No per-cluster loop and no (B, K, C, N) residual tensor: ``sum_n a_k(x_n)(x_n - c_k) = (A X^T)_k - (A 1)_k c_k``.
 """
-from __future__ import annotations
-
 import math
 from typing import Optional
 
@@ -150,9 +148,11 @@ def assignment_statistics(descriptors: Tensor, weight: Tensor, bias: Optional[Te
                           normalize_input: bool = False, hard: bool = False, with_squares: bool = False
                           ) -> tuple[Tensor, Tensor]:
     """``(A 1, A Z^T)`` for descriptors (B, C, N): see :class:`_AssignmentStatistics`. Training uses the hand-written
-    backward; inference and autocast use plain autograd ops with the same values."""
-    if _needs_fast_backward(descriptors, weight, bias):
-        return _AssignmentStatistics.apply(descriptors, weight, bias, valid, normalize_input, hard, with_squares)
+    backward; inference, autocast and TorchScript (which cannot compile a custom ``autograd.Function``) use plain
+    autograd ops with the same values."""
+    if not torch.jit.is_scripting():
+        if _needs_fast_backward(descriptors, weight, bias):
+            return _AssignmentStatistics.apply(descriptors, weight, bias, valid, normalize_input, hard, with_squares)
     return _statistics_reference(descriptors, weight, bias, valid, normalize_input, hard, with_squares)
 
 
@@ -236,14 +236,25 @@ def netfv(x: Tensor, log_weights: Tensor, means: Tensor, log_vars: Tensor, mask:
     same two GEMMs as NetVLAD's, with 2C rows. Runs in float32 (or float64) even under autocast: the expanded
     quadratic forms cancel badly in half precision.
     """
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        descriptors, valid, counts = flatten_positions(accumulation_dtype(x), mask)
-        dtype = descriptors.dtype
-        log_weights, means, log_vars = log_weights.to(dtype), means.to(dtype), log_vars.to(dtype)
-        weight, bias = gmm_assignment(log_weights, means, log_vars)
-        zeroth, statistics = assignment_statistics(descriptors, weight, bias, valid, with_squares=True)
-        first, second = statistics.split(means.shape[1], dim=-1)
-        fv = fisher_vector(zeroth, first, second, counts, log_weights, means, log_vars).flatten(1)
-        if power is not None and power != 1:
-            fv = signed_power(fv, power)
-        return l2_normalize(fv, dim=-1)
+    # if / else: TorchScript compiles only the first branch (its autocast needs a device type known when compiling,
+    # and scripted code ignored `autocast(enabled=False)` on CPU): call a scripted NetFV outside autocast.
+    if torch.jit.is_scripting():
+        return _netfv(x, log_weights, means, log_vars, mask, power)
+    else:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _netfv(x, log_weights, means, log_vars, mask, power)
+
+
+def _netfv(x: Tensor, log_weights: Tensor, means: Tensor, log_vars: Tensor, mask: Optional[Tensor],
+           power: Optional[float]) -> Tensor:
+    """:func:`netfv` outside autocast."""
+    descriptors, valid, counts = flatten_positions(accumulation_dtype(x), mask)
+    dtype = descriptors.dtype
+    log_weights, means, log_vars = log_weights.to(dtype), means.to(dtype), log_vars.to(dtype)
+    weight, bias = gmm_assignment(log_weights, means, log_vars)
+    zeroth, statistics = assignment_statistics(descriptors, weight, bias, valid, with_squares=True)
+    first, second = statistics.split(means.shape[1], dim=-1)
+    fv = fisher_vector(zeroth, first, second, counts, log_weights, means, log_vars).flatten(1)
+    if power is not None and power != 1:
+        fv = signed_power(fv, power)
+    return l2_normalize(fv, dim=-1)

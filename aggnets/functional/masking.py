@@ -1,5 +1,4 @@
 """Helpers that make masked positions vanish exactly, and that run a region-based pooling per valid box."""
-from __future__ import annotations
 
 from typing import Callable, Optional
 

@@ -1,6 +1,4 @@
 """Normalisations used by the heads: L2, signed power, intra-normalisation."""
-from __future__ import annotations
-
 import torch
 from torch import Tensor
 
@@ -9,7 +7,7 @@ __all__ = ["l2_normalize", "signed_power", "intra_normalize", "accumulation_dtyp
 
 def accumulation_dtype(x: Tensor) -> Tensor:
     """Return ``x`` in at least float32 (half-precision values are upcast; float64 stays float64)."""
-    if x.dtype in (torch.float16, torch.bfloat16):
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
         return x.float()
     return x
 
@@ -29,11 +27,19 @@ def signed_power(x: Tensor, alpha: float | Tensor = 0.5, eps: float = 1e-12) -> 
     Exact for ``|z| >= eps``; below ``eps`` it continues linearly with the same value at ``eps`` so that the
     gradient stays finite at zero (the exact derivative ``alpha |z|^(alpha-1)`` is infinite there).
     """
-    if isinstance(alpha, (int, float)) and alpha == 1:
+    # The same two lines for a tensor and a float ``alpha``: TorchScript needs ``alpha`` refined to one type (and a
+    # refined branch that falls through would not reload after torch.jit.save).
+    if isinstance(alpha, Tensor):
+        magnitude = x.abs()
+        return _blend(x, magnitude, magnitude.clamp_min(eps).pow(alpha), magnitude * (eps ** (alpha - 1)), eps)
+    if alpha == 1:
         return x
     magnitude = x.abs()
-    powered = magnitude.clamp_min(eps).pow(alpha)
-    linear = magnitude * (eps ** (alpha - 1))
+    return _blend(x, magnitude, magnitude.clamp_min(eps).pow(alpha), magnitude * (eps ** (alpha - 1)), eps)
+
+
+def _blend(x: Tensor, magnitude: Tensor, powered: Tensor, linear: Tensor, eps: float) -> Tensor:
+    """``sign(x)`` times ``powered`` where ``|x| > eps``, else times ``linear``."""
     return torch.sign(x) * torch.where(magnitude > eps, powered, linear)
 
 
@@ -43,7 +49,7 @@ def intra_normalize(x: Tensor, num_groups: int, eps: float = 1e-12) -> Tensor:
     ``x``: (..., num_groups * D), e.g. a flattened VLAD (B, K * C); the shape is preserved.
     """
     shape = x.shape
-    if shape[-1] % num_groups:
+    if shape[-1] % num_groups != 0:
         raise ValueError(f"intra_normalize: last dimension {shape[-1]} is not divisible by num_groups={num_groups}")
-    grouped = x.reshape(*shape[:-1], num_groups, shape[-1] // num_groups)
+    grouped = x.unflatten(-1, (num_groups, shape[-1] // num_groups))
     return l2_normalize(grouped, dim=-1, eps=eps).reshape(shape)

@@ -2,8 +2,6 @@
 
 Masks (B, H, W), True = valid, restrict every pooling to the valid positions exactly.
 """
-from __future__ import annotations
-
 from typing import Optional
 
 import torch
@@ -18,7 +16,18 @@ __all__ = ["mac", "spoc", "gem", "crow", "clamped_power"]
 def clamped_power(x: Tensor, p: Tensor | float, eps: float) -> Tensor:
     """``max(x, eps)^p`` as ``exp(p log max(x, eps))``: the same value, and a backward about twice as fast as
     ``pow``'s when ``p`` is a trainable tensor."""
-    return torch.exp(p * torch.log(x.clamp(min=eps)))
+    logs = torch.log(x.clamp(min=eps))
+    if isinstance(p, Tensor):  # the same product in both branches: TorchScript needs ``p`` refined to one type
+        return torch.exp(p * logs)
+    return torch.exp(p * logs)
+
+
+def _masked_mean(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Mean of ``x`` (B, C, H, W) over the valid positions -> (B, C)."""
+    if mask is None:
+        return x.mean(dim=(-2, -1))
+    flat, _, counts = flatten_positions(x, mask)
+    return flat.sum(dim=-1) / counts
 
 
 def mac(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -33,10 +42,7 @@ def mac(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
 
 def spoc(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """SPoC, sum-pooled convolutional features (Babenko & Lempitsky, ICCV 2015): ``f = (1/N) sum_n x_n``."""
-    if mask is None:
-        return accumulation_dtype(x).mean(dim=(-2, -1))
-    flat, _, counts = flatten_positions(accumulation_dtype(x), mask)
-    return flat.sum(dim=-1) / counts
+    return _masked_mean(accumulation_dtype(x), mask)
 
 
 def gem(x: Tensor, p: Tensor | float = 3.0, eps: float = 1e-6, mask: Optional[Tensor] = None) -> Tensor:
@@ -45,18 +51,14 @@ def gem(x: Tensor, p: Tensor | float = 3.0, eps: float = 1e-6, mask: Optional[Te
     ``f_c = ( (1/N) sum_n max(x_{n,c}, eps)^{p_c} )^{1/p_c}``; ``p`` is a float, a (1,) or a (C,) tensor.
     p = 1 is SPoC (for inputs >= eps); p -> inf tends to MAC.
     """
-    x = accumulation_dtype(x)
+    x = zero_masked(accumulation_dtype(x), mask)
     if isinstance(p, Tensor):
         p = p.to(x.dtype)
-        exponent = p.view(1, -1, 1, 1) if p.numel() > 1 else p.reshape(())
-        inverse = 1.0 / (p.view(1, -1) if p.numel() > 1 else p.reshape(()))
-    else:
-        exponent, inverse = p, 1.0 / p
-    powered = clamped_power(zero_masked(x, mask), exponent, eps)
-    if mask is None:
-        return powered.mean(dim=(-2, -1)).pow(inverse)
-    flat, _, counts = flatten_positions(powered, mask)
-    return (flat.sum(dim=-1) / counts).pow(inverse)
+        per_channel = p.numel() > 1
+        exponent = p.view(1, -1, 1, 1) if per_channel else p.reshape(())
+        inverse = 1.0 / (p.view(1, -1) if per_channel else p.reshape(()))
+        return _masked_mean(clamped_power(x, exponent, eps), mask).pow(inverse)
+    return _masked_mean(clamped_power(x, p, eps), mask).pow(1.0 / p)
 
 
 def crow(x: Tensor, mask: Optional[Tensor] = None, a: float = 2.0, b: float = 2.0, eps: float = 1e-6) -> Tensor:

@@ -1,6 +1,4 @@
 """Shared machinery of the codebook heads that assign descriptors with a 1x1 convolution (NetVLAD, NetBoF)."""
-from __future__ import annotations
-
 import math
 from typing import Any, Optional
 

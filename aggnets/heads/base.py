@@ -1,6 +1,4 @@
 """The interface every head shares: (B, C, H, W) feature map [+ (B, H, W) bool mask] -> (B, out_dim)."""
-from __future__ import annotations
-
 from typing import Optional
 
 from torch import Tensor, nn
@@ -20,6 +18,7 @@ class PoolingHead(nn.Module):
 
     in_channels: int
     out_dim: int
+    _head_name: str  # the class name, for error messages (TorchScript cannot read ``type(self).__name__``)
 
     def __init__(self, in_channels: int, out_dim: int) -> None:
         super().__init__()
@@ -27,10 +26,11 @@ class PoolingHead(nn.Module):
             raise ValueError(f"{type(self).__name__}: in_channels must be a positive int, got {in_channels!r}")
         self.in_channels = in_channels
         self.out_dim = out_dim
+        self._head_name = type(self).__name__
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Pool ``x`` (B, C, H, W), restricted to ``mask`` (B, H, W) when given, into (B, out_dim)."""
-        check_feature_map(x, mask, self.in_channels, type(self).__name__)
+        check_feature_map(x, mask, self.in_channels, self._head_name)
         return self.pool(x, mask)
 
     def pool(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:

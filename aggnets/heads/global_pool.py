@@ -1,6 +1,4 @@
 """Global poolings: MAC, SPoC, GeM, CroW — one C-dimensional vector per image."""
-from __future__ import annotations
-
 from typing import Optional
 
 import torch
@@ -56,6 +54,8 @@ class GeM(_GlobalPool):
     (``per_channel=False``, shape (1,)) or one per channel (shape (C,)). p = 1 is SPoC; p -> inf tends to MAC.
     """
 
+    eps: float  # annotated: an int value still scripts (as a float)
+
     def __init__(self, in_channels: int, p: float = 3.0, per_channel: bool = False, learn_p: bool = True,
                  eps: float = 1e-6, normalize: bool = False) -> None:
         super().__init__(in_channels, normalize)
@@ -81,6 +81,10 @@ class CroW(_GlobalPool):
     ``S_n``, channel weights ``Omega_c = log(sum_k Q_k / (eps + Q_c))`` from the fractions ``Q_c`` of positive
     positions. Defaults a = b = 2. Meant for non-negative (post-ReLU) maps.
     """
+
+    a: float  # annotated: an int value still scripts (as a float)
+    b: float
+    eps: float
 
     def __init__(self, in_channels: int, a: float = 2.0, b: float = 2.0, eps: float = 1e-6,
                  normalize: bool = False) -> None:

@@ -1,6 +1,4 @@
 """Soft-assignment bag-of-features and, as its hard frozen mode, the classical BoF histogram."""
-from __future__ import annotations
-
 from typing import Optional
 
 from torch import Tensor

@@ -1,7 +1,4 @@
 """NetFV — a differentiable Fisher-vector layer on its own diagonal GMM — and, frozen, the classical Fisher vector."""
-from __future__ import annotations
-
-import math
 from typing import Any, Optional
 
 import torch
@@ -28,6 +25,7 @@ class NetFV(PoolingHead):
     """
 
     frozen: bool = False
+    power: Optional[float]  # annotated: an int value still scripts (as a float)
 
     def __init__(self, in_channels: int, num_clusters: int = 64, *, power: Optional[float] = 0.5) -> None:
         num_clusters = check_positive_int(type(self).__name__, "num_clusters", num_clusters)

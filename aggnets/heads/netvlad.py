@@ -1,6 +1,4 @@
 """NetVLAD and, as its hard-assignment frozen mode, classical VLAD."""
-from __future__ import annotations
-
 from typing import Optional
 
 import torch
@@ -26,6 +24,7 @@ class NetVLAD(ConvAssignmentHead):
     """
 
     default_alpha = 100.0
+    power: Optional[float]  # annotated: an int value still scripts (as a float)
 
     def __init__(self, in_channels: int, num_clusters: int = 64, *, alpha: Optional[float] = None,
                  normalize_input: bool = True, intra_norm: bool = True, power: Optional[float] = None,

@@ -1,6 +1,4 @@
 """Normalisation and projection layers for descriptors (B, D)."""
-from __future__ import annotations
-
 from typing import Any, Optional
 
 import torch
@@ -103,7 +101,7 @@ class Whitening(nn.Linear):
         return self.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
+        y = nn.functional.linear(x, self.weight, self.bias)  # nn.Linear.forward (TorchScript has no super())
         return AF.l2_normalize(y, dim=-1) if self.normalize else y
 
     def extra_repr(self) -> str:
