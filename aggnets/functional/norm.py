@@ -18,6 +18,13 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     Written as ``x * rsqrt(max(sum x^2, eps^2))``: the same value as ``F.normalize``, with a backward pass of three
     element-wise sweeps instead of about eight (it matters on NetVLAD's (B, C, N) input normalisation).
     """
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        # the sum of squares in float32 (in float16 it overflows above |x| ~ 256, and eps^2 flushes to 0, so a zero
+        # vector gave 0 * rsqrt(0) = NaN); eps at least 2^-7 in float16 so that 1 / eps, the gradient scale at 0, is
+        # representable
+        eps = max(eps, 2.0 ** -7 if x.dtype == torch.float16 else 2.0 ** -63)
+        squares = x.float().pow(2).sum(dim=dim, keepdim=True)
+        return x * squares.clamp_min(eps * eps).rsqrt().to(x.dtype)
     return x * (x * x).sum(dim=dim, keepdim=True).clamp_min(eps * eps).rsqrt()
 
 

@@ -52,13 +52,18 @@ def gem(x: Tensor, p: Tensor | float = 3.0, eps: float = 1e-6, mask: Optional[Te
     p = 1 is SPoC (for inputs >= eps); p -> inf tends to MAC.
     """
     x = zero_masked(accumulation_dtype(x), mask)
+    # powers relative to the per-channel max m: f = m ((1/N) sum (x/m)^p)^(1/p), the same value and gradient (m is a
+    # constant), and x^p cannot overflow (float32 does once max(x)^p > 3.4e38, e.g. x ~ 1e4 with p > 9)
+    logs = torch.log(x.clamp(min=eps))
+    shift = logs.detach().amax(dim=[-2, -1], keepdim=True)                              # log m, (B, C, 1, 1)
+    scale = shift.exp().flatten(1)                                                      # m, (B, C)
     if isinstance(p, Tensor):
         p = p.to(x.dtype)
         per_channel = p.numel() > 1
         exponent = p.view(1, -1, 1, 1) if per_channel else p.reshape(())
         inverse = 1.0 / (p.view(1, -1) if per_channel else p.reshape(()))
-        return _masked_mean(clamped_power(x, exponent, eps), mask).pow(inverse)
-    return _masked_mean(clamped_power(x, p, eps), mask).pow(1.0 / p)
+        return _masked_mean(torch.exp(exponent * (logs - shift)), mask).pow(inverse) * scale
+    return _masked_mean(torch.exp(p * (logs - shift)), mask).pow(1.0 / p) * scale
 
 
 def crow(x: Tensor, mask: Optional[Tensor] = None, a: float = 2.0, b: float = 2.0, eps: float = 1e-6) -> Tensor:
@@ -76,4 +81,5 @@ def crow(x: Tensor, mask: Optional[Tensor] = None, a: float = 2.0, b: float = 2.
     fraction = positive.sum(dim=-1) / counts                         # (B, C)
     total = fraction.sum(dim=-1, keepdim=True).clamp(min=eps)
     channel = torch.log(total / (eps + fraction))
-    return channel * torch.bmm(flat, spatial.unsqueeze(-1)).squeeze(-1)
+    # element-wise in float32 (a bmm would run in float16 under autocast and overflow for activations above ~1e3)
+    return channel * (flat * spatial.unsqueeze(1)).sum(dim=-1)
