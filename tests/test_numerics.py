@@ -371,3 +371,13 @@ def test_crow_zero_map(mode, masked):
     assert torch.all(y[0] == 0), y[0]
     tol = 2e-2 if MODES[mode][2] is not None else 1e-5
     assert_close(y[1].double().cpu(), ref[0], rtol=tol, atol=tol)
+
+
+def test_crow_all_zero_map_has_no_nan_anywhere_in_backward():
+    """Not only a finite final gradient: anomaly detection (which users turn on to hunt NaNs) stays quiet."""
+    from aggnets.heads import CroW
+
+    x = torch.zeros(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    with torch.autograd.set_detect_anomaly(True):
+        CroW(4).double()(x).sum().backward()
+    assert torch.isfinite(x.grad).all()

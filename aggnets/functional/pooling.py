@@ -75,8 +75,9 @@ def crow(x: Tensor, mask: Optional[Tensor] = None, a: float = 2.0, b: float = 2.
     """
     flat, _, counts = flatten_positions(accumulation_dtype(x), mask)
     sums = flat.sum(dim=1).clamp(min=0)                              # (B, N)
-    norm = sums.pow(a).sum(dim=-1, keepdim=True).pow(1.0 / a)        # (B, 1)
-    spatial = signed_power(sums / norm.clamp(min=eps), 1.0 / b)      # (B, N)
+    # clamped before the root: the same value, and no infinite derivative of x^(1/a) at 0 on an all-zero map
+    norm = sums.pow(a).sum(dim=-1, keepdim=True).clamp(min=eps ** a).pow(1.0 / a)  # (B, 1), >= eps
+    spatial = signed_power(sums / norm, 1.0 / b)                     # (B, N)
     positive = (flat > 0).to(flat.dtype)                             # masked positions are 0: not counted
     fraction = positive.sum(dim=-1) / counts                         # (B, C)
     total = fraction.sum(dim=-1, keepdim=True).clamp(min=eps)
