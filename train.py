@@ -16,4 +16,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from aggnets_train.overrides import exit_on_unknown_keys
+    exit_on_unknown_keys("train")  # a misspelt key: the valid keys and the closest one, before Hydra runs
     main()

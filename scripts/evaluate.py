@@ -17,4 +17,6 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    from aggnets_train.overrides import exit_on_unknown_keys
+    exit_on_unknown_keys("evaluate")
     main()

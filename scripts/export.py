@@ -44,4 +44,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from aggnets_train.overrides import exit_on_unknown_keys
+    exit_on_unknown_keys("export")
     main()

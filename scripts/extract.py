@@ -16,4 +16,6 @@ def main(cfg: DictConfig) -> str:
 
 
 if __name__ == "__main__":
+    from aggnets_train.overrides import exit_on_unknown_keys
+    exit_on_unknown_keys("extract")
     main()

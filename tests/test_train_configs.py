@@ -137,3 +137,31 @@ def test_hparams_search_is_a_multirun_grid():
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert set(cfg.hydra.sweeper.params) == {"head.num_clusters", "task.optimizer.lr"}
     assert cfg.optimized_metric == "val/acc"
+
+
+def test_misspelt_override_keys_name_the_valid_keys_and_the_closest():
+    from aggnets_train.overrides import check_overrides
+
+    assert check_overrides("train", ["head=gem", "head.p=4", "seed=3", "+head.extra=1", "hydra.run.dir=/tmp/x",
+                                     "trainer.max_epochs=2", "experiment=motifs_metric_learning"]) == []
+    [error] = check_overrides("train", ["trainer.max_epoch=3"])
+    assert error.startswith("trainer.max_epoch: no key 'max_epoch' in trainer; did you mean 'trainer.max_epochs'?")
+    assert "valid keys: _target_, accelerator" in error and "+trainer.max_epoch=..." in error
+    # group choices are applied first: GeM has no num_clusters, NetVLAD (the default head) has
+    [error] = check_overrides("train", ["head=gem", "head.num_clusters=8"])
+    assert "no key 'num_clusters' in head" in error and "learn_p" in error
+    assert check_overrides("train", ["head.num_clusters=8"]) == []
+    [error] = check_overrides("train", ["sed=1"])
+    assert "no key 'sed' in the config; did you mean 'seed'?" in error
+    [error] = check_overrides("evaluate", ["evl.csv=x"])
+    assert "did you mean 'eval'?" in error
+
+
+def test_train_py_stops_on_a_misspelt_key_before_running():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(CONF.parent / "train.py"), "data.batch_sise=8"], capture_output=True,
+                            text=True, timeout=120, cwd=CONF.parent)
+    assert result.returncode == 2
+    assert "Config error: data.batch_sise: no key 'batch_sise' in data; did you mean 'data.batch_size'?" in result.stderr
