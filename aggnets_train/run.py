@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError, build, build_head, call
 from .monitor import tensorboard_logger
 
-__all__ = ["Run", "build_run", "train"]
+__all__ = ["Run", "build_run", "train", "check_output_dir", "check_free_space"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,18 @@ def _group_items(cfg: DictConfig, key: str) -> list[tuple[str, Any]]:
     if "_target_" in node:
         return [(key, node)]
     return [(f"{key}.{name}", sub) for name, sub in node.items() if sub is not None and "_target_" in sub]
+
+
+def check_free_space(path: str, model: Any, copies: int = 3) -> None:
+    """Fail before training when the disk under ``path`` cannot hold the run's checkpoints: ``copies`` checkpoints
+    (best, last, and the one being written) of the weights plus two optimiser moments each, and 64 MiB for logs."""
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    needed = copies * (3 * parameters + buffers) + 64 * 2**20
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise ConfigError(f"paths.output_dir: only {free / 2**20:.0f} MiB free on the disk holding {path!r}; this "
+                          f"run's checkpoints and logs need about {needed / 2**20:.0f} MiB")
 
 
 def check_output_dir(path: str) -> None:
@@ -120,6 +133,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     # frozen backbone stages keep their BatchNorm in eval mode on purpose (FeatureExtractor.freeze)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     run = build_run(cfg)
+    check_free_space(output_dir, run.task)
     trainer = run.trainer
     if trainer.is_global_zero:
         log.info("model: %s", run.task.embedder.head)

@@ -218,3 +218,31 @@ def test_resume_after_sigkill_mid_epoch_matches_the_uninterrupted_run(tmp_path):
     metrics_resumed = json.loads((run_dir / "results.json").read_text())
     for key in ("test/acc", "test/loss", "val/acc"):
         assert metrics_resumed[key] == metrics_whole[key], key
+
+
+def test_unwritable_output_dir_fails_at_start(tmp_path):
+    from aggnets_train.config import ConfigError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    started = time.time()
+    with pytest.raises(ConfigError, match=r"^paths\.output_dir: cannot write to .*a_file/run"):
+        train(compose_train(*SMALL, f"paths.output_dir={blocker / 'run'}"))
+    assert time.time() - started < 5  # before anything is built
+    if os.geteuid() != 0:  # root writes anywhere: a read-only directory only stops other users
+        readonly = tmp_path / "readonly"
+        readonly.mkdir(mode=0o500)
+        with pytest.raises(ConfigError, match="cannot write"):
+            train(compose_train(*SMALL, f"paths.output_dir={readonly}"))
+
+
+def test_full_disk_fails_at_start_not_at_the_first_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    from aggnets_train.config import ConfigError
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    with pytest.raises(ConfigError, match=r"^paths\.output_dir: only 10 MiB free .* need about \d+ MiB"):
+        train(compose_train(*SMALL, f"paths.output_dir={tmp_path}"))
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()
