@@ -152,6 +152,25 @@ def test_compile_inductor_smoke():
             assert_close(a, b, RTOL, ATOL, f"{name} backward")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_compile_inductor_cuda_matches_eager(name):
+    """Every head through inductor's Triton code on the GPU, with a mask, forward + backward (float32)."""
+    head = _head(name).cuda().float()
+    x, mask = _inputs(name)
+    x, mask = x.cuda().float(), mask.cuda()
+    compiled = torch.compile(head, backend="inductor", fullgraph=name not in COMPILE_GRAPH_BREAKS)
+    for m in (None, mask):
+        y_e, g_e = _grads(head, x, m)
+        head.zero_grad(set_to_none=True)
+        y_c, g_c = _grads(compiled, x, m)
+        head.zero_grad(set_to_none=True)
+        assert_close(y_c, y_e, 1e-4, 1e-5, f"{name} cuda mask={m is not None}")
+        for a, b in zip(g_c or [], g_e or []):
+            assert_close(a, b, 1e-4, 1e-5, f"{name} cuda backward mask={m is not None}")
+
+
 # --- TorchScript ----------------------------------------------------------------------------------------------------
 
 def _trace(head, *args):
@@ -287,3 +306,18 @@ def _check_trace(name, head):
         assert not mask_ok, f"{name}: trace now generalises to other masks: remove it from TRACE_MASK_SPECIFIC"
     else:
         assert mask_ok, f"{name}: traced graph is specific to the traced mask"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("name", [n for n in HEAD_NAMES if n not in SCRIPT_FAILS])
+def test_torchscript_cuda(name):
+    head = _head(name).cuda()
+    x, mask = _inputs(name)
+    x, mask = x.cuda(), mask.cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(head)
+    with torch.no_grad():
+        assert_close(scripted(x), head(x), RTOL, ATOL, name)
+        assert_close(scripted(x, mask), head(x, mask), RTOL, ATOL, name)
