@@ -18,9 +18,14 @@ vlad, netvlad,      yes              1x1-conv assignment + sums over positions (
 bof, netbof,
 fisher_vector,
 netfv
-rmac                **no**           region grid (sides, offsets, count) computed in Python from H, W
-spatial_pyramid     **no**           cell bounds computed in Python from H, W
+rmac                yes              under ``torch.export`` the region grid is computed with tensors from H, W: at
+                                     most ``l + 6`` rows / columns per scale, absent regions masked to zero
+spatial_pyramid     yes, if the      under ``torch.export`` the cells are laid out with tensors from H, W, padded to
+                    wrapped head is  a bound of the largest and masked (the wrapped head must take a mask: not rmac)
 ==================  ===============  ================================================================================
+
+R-MAC and spatial pyramids are exported without a mask (their masked forms crop each image to its valid box, whose
+size depends on the data): exporting them with a mask raises ``ValueError``.
 
 A head with ``False`` (or a head this table does not know) is exported with the H x W of the example input fixed
 (the batch stays dynamic): onnxruntime rejects another size with ``INVALID_ARGUMENT`` instead of returning a wrong
@@ -45,8 +50,10 @@ __all__ = ["ONNX_DYNAMIC_HW", "supports_dynamic_hw", "export_onnx", "check_onnx"
 ONNX_DYNAMIC_HW: dict[str, bool] = {
     "mac": True, "spoc": True, "gem": True, "crow": True,
     "vlad": True, "netvlad": True, "bof": True, "netbof": True, "fisher_vector": True, "netfv": True,
-    "rmac": False, "spatial_pyramid": False,
+    "rmac": True, "spatial_pyramid": True,
 }
+_NEEDS_MASKED_INNER = {"spatial_pyramid"}  # run the wrapped head on masked (padded) cells when exporting
+_NO_MASK_AT_EXPORT = {"rmac", "spatial_pyramid"}
 
 
 def _head(model: nn.Module) -> nn.Module:
@@ -63,8 +70,14 @@ def _head_name(head: nn.Module) -> Optional[str]:
 
 def supports_dynamic_hw(model: nn.Module) -> bool:
     """Whether the ONNX graph of ``model`` (an Embedder or a head) is right at every H x W (:data:`ONNX_DYNAMIC_HW`
-    of its head; ``False`` for a head the table does not list)."""
-    return ONNX_DYNAMIC_HW.get(_head_name(_head(model)) or "", False)
+    of its head; ``False`` for a head the table does not list; for a spatial pyramid, also of the wrapped head, which
+    must take a mask at export)."""
+    head = _head(model)
+    name = _head_name(head) or ""
+    if name in _NEEDS_MASKED_INNER:
+        inner = _head_name(head.head) or ""
+        return ONNX_DYNAMIC_HW.get(name, False) and inner not in _NO_MASK_AT_EXPORT and supports_dynamic_hw(head.head)
+    return ONNX_DYNAMIC_HW.get(name, False)
 
 
 class _ImagesOnly(nn.Module):
@@ -97,8 +110,8 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *,
     feature map) to the ONNX file ``path`` (input ``x``, output ``descriptor`` (B, out_dim)); return ``path``.
 
     ``example_size`` is the traced input size (default (1, 3, 224, 224) for an Embedder, (1, C, 7, 7) for a head); it
-    is also the fixed H x W when the head cannot take another size (see the module table: R-MAC and spatial
-    pyramids are exported with a fixed H x W and dynamic batch, with a warning, when ``dynamic_hw=True``).
+    is also the fixed H x W when the head cannot take another size (see the module table; a head it does not list is
+    exported with a fixed H x W and dynamic batch, with a warning, when ``dynamic_hw=True``).
     ``opset`` is passed to the exporter (``None``: its default). The model is exported in eval mode; its training
     flag is restored afterwards. ``verify`` runs :func:`check_onnx` at the example size and at a second size
     (another batch and, when H x W is dynamic, another H x W) and raises if onnxruntime and PyTorch differ by more
@@ -109,7 +122,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *,
         raise ValueError(f"export_onnx: example_size must be (B, C, H, W), got {example_size}")
     hw = bool(dynamic_hw) and supports_dynamic_hw(model)
     if dynamic_hw and not hw:
-        warnings.warn(f"export_onnx: the {type(_head(model)).__name__} head computes its layout from H, W in Python; "
+        warnings.warn(f"export_onnx: the {type(_head(model)).__name__} head is not known to take any H x W; "
                       f"exporting with a fixed H x W = {example_size[2]} x {example_size[3]} (dynamic batch only)",
                       stacklevel=2)
     reference = _parameter(model)

@@ -1,5 +1,6 @@
-"""ONNX export (aggnets.export): every head alone and backbone + head, onnxruntime vs PyTorch at two input sizes where
-dynamic H x W is claimed, and a fixed-size graph that rejects another H x W where it is not."""
+"""ONNX export (aggnets.export): every head alone and backbone + head, onnxruntime vs PyTorch at several input sizes
+through one graph where dynamic H x W is claimed (R-MAC and spatial pyramids included: square, landscape and portrait
+maps whose R-MAC grids differ), and a fixed-size graph that rejects another H x W where it is not."""
 import warnings
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 import aggnets
 from aggnets.export import ONNX_DYNAMIC_HW, check_onnx, export_onnx, supports_dynamic_hw
+from aggnets.functional.regions import _extra_regions
+from aggnets.heads import GeM, MAC, NetBoF, NetVLAD, RMAC, SPoC, SpatialPyramid
 
 from .helpers import input_kind, make_head, rand_map
 
@@ -36,8 +39,8 @@ def test_head_export(name, tmp_path):
     def maps(*shapes):
         return [rand_map(*s, kind=input_kind(name), dtype=torch.float32) for s in shapes]
 
-    if dynamic:  # two H x W (and batch sizes) through one graph
-        assert check_onnx(head, path, maps((2, C, 5, 6), (3, C, 7, 9), (1, C, 9, 7)), atol=1e-4) <= 1e-4
+    if dynamic:  # square, landscape and portrait H x W (and batch sizes) through one graph
+        assert check_onnx(head, path, maps((2, C, 5, 6), (3, C, 7, 9), (1, C, 9, 7), (2, C, 8, 8)), atol=1e-4) <= 1e-4
     else:  # right at the traced H x W for any batch; another H x W is rejected by onnxruntime, never wrong
         assert check_onnx(head, path, maps((2, C, 5, 6), (1, C, 5, 6), (3, C, 5, 6)), atol=1e-4) <= 1e-4
         with pytest.raises(Exception, match="(?i)invalid|dimension"):
@@ -60,3 +63,76 @@ def test_export_verify_and_training_flag(tmp_path):
     head = make_head("netbof", C=C, K=K, dtype=torch.float32).train()
     export_onnx(head, tmp_path / "netbof.onnx", example_size=(1, C, 5, 6))  # verify=True: checks a second size
     assert head.training
+
+
+def test_fixed_hw_export_rejects_other_sizes(tmp_path):
+    """``dynamic_hw=False``: right at the traced H x W for any batch; another H x W is rejected, never wrong."""
+    torch.manual_seed(0)
+    head = make_head("gem", C=C, dtype=torch.float32)
+    path = export_onnx(head, tmp_path / "gem.onnx", example_size=(2, C, 5, 6), dynamic_hw=False, verify=False)
+    assert check_onnx(head, path, [rand_map(*s, dtype=torch.float32) for s in ((2, C, 5, 6), (3, C, 5, 6))]) <= 1e-4
+    with pytest.raises(Exception, match="(?i)invalid|dimension"):
+        check_onnx(head, path, [rand_map(2, C, 7, 9, dtype=torch.float32)])
+
+
+# One graph, many sizes: square (e = 0), landscape and portrait with 1, 2, 5 and 6 extra regions along the long side
+# (R-MAC; 5 x 9 is an exact tie of the overlap criterion, resolved as in Python), cells of equal and unequal sizes
+# (pyramid), and 1-wide maps (levels whose side is 0 are skipped).
+SIZES = [(2, C, 7, 7), (1, C, 6, 9), (3, C, 12, 5), (1, C, 5, 12), (1, C, 5, 9), (2, C, 16, 4), (1, C, 1, 20),
+         (1, C, 8, 8), (1, C, 1, 1)]
+
+
+def test_sizes_cover_every_rmac_extra_count():
+    assert {_extra_regions(h, w, 0.4) for _, _, h, w in SIZES} == {0, 1, 2, 5, 6}
+    assert any(h > w for _, _, h, w in SIZES) and any(h < w for _, _, h, w in SIZES)
+
+
+@pytest.mark.parametrize("pool", ["max", "gem"])
+@pytest.mark.parametrize("include_global", [False, True])
+def test_rmac_one_graph_every_size(pool, include_global, tmp_path):
+    torch.manual_seed(0)
+    head = RMAC(C, include_global=include_global, pool=pool, p=2.5)
+    assert supports_dynamic_hw(head)
+    path = export_onnx(head, tmp_path / "rmac.onnx", example_size=(2, C, 5, 6))  # verify=True: a second size too
+    kind = "positive" if pool == "gem" else "normal"
+    assert check_onnx(head, path, [rand_map(*s, kind=kind, dtype=torch.float32) for s in SIZES], atol=1e-4) <= 1e-4
+
+
+@pytest.mark.parametrize("inner", ["gem", "mac", "spoc", "netvlad", "netbof"])
+def test_spatial_pyramid_one_graph_every_size(inner, tmp_path):
+    torch.manual_seed(0)
+    head = {"gem": lambda: GeM(C, p=2.5), "mac": lambda: MAC(C), "spoc": lambda: SPoC(C),
+            "netvlad": lambda: NetVLAD(C, K), "netbof": lambda: NetBoF(C, K)}[inner]()
+    pyramid = SpatialPyramid(head, levels=(1, 2, 3))
+    assert supports_dynamic_hw(pyramid)
+    path = export_onnx(pyramid, tmp_path / "pyramid.onnx", example_size=(2, C, 6, 7))
+    assert check_onnx(pyramid, path, [rand_map(*s, kind="positive", dtype=torch.float32) for s in SIZES],
+                      atol=1e-4) <= 1e-4
+
+
+def test_spatial_pyramid_of_rmac_exports_at_a_fixed_size(tmp_path):
+    """R-MAC takes no mask at export, and padded pyramid cells need one: a pyramid of R-MAC is exported at the
+    traced H x W (where its cells are equal and need no mask), with a warning."""
+    torch.manual_seed(0)
+    pyramid = SpatialPyramid(RMAC(C), levels=(1, 2))
+    assert not supports_dynamic_hw(pyramid)
+    with pytest.warns(UserWarning, match="fixed H x W"):
+        path = export_onnx(pyramid, tmp_path / "pyramid_rmac.onnx", example_size=(2, C, 8, 8))
+    assert check_onnx(pyramid, path, [torch.randn(3, C, 8, 8)]) <= 1e-4
+
+
+@pytest.mark.parametrize("head", [RMAC(C), SpatialPyramid(GeM(C), levels=(1, 2))], ids=["rmac", "spatial_pyramid"])
+def test_export_with_mask_is_refused(head):
+    """Their masked form crops each image to its valid box (data-dependent): a clear error, not a wrong graph."""
+
+    class WithMask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, x, mask):
+            return self.head(x, mask)
+
+    x, mask = torch.randn(2, C, 6, 7), torch.ones(2, 6, 7, dtype=torch.bool)
+    with pytest.raises(Exception, match="cannot export with a mask"):
+        torch.export.export(WithMask().eval(), (x, mask))

@@ -146,3 +146,41 @@ def test_pyramid_empty_cells_give_zeros_for_any_inner_head(inner):
     assert torch.isfinite(y).all()
     assert_close(y, R.per_image(lambda X, mm: R.pyramid_ref(X, cell, dim, (1, 2, 4), mm), x, m))
     assert torch.all(y[0, dim * 2:dim * 3] == 0)  # level 2, cell (0, 1): no valid position
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the tensor-computed cells used under torch.export (one graph for every H x W) against the Python layout
+
+@pytest.mark.parametrize("cells", [1, 2, 3, 4, 5, 7])
+def test_dynamic_axis_index_covers_exactly_each_cell(cells):
+    from aggnets.functional.pyramid import cell_bounds, dynamic_axis_index
+
+    for length in range(1, 41):
+        index, valid = dynamic_axis_index(length, cells, torch.device("cpu"))
+        assert index.min() >= 0 and index.max() < length
+        for i, (start, end) in enumerate(cell_bounds(length, cells)):
+            assert index[i][valid[i]].tolist() == list(range(start, end)), (length, cells, i)
+
+
+@pytest.mark.parametrize("inner", ["mac", "gem", "spoc", "netvlad"])
+def test_dynamic_cells_give_the_eager_pyramid_exhaustively(inner):
+    """The export layout (cells padded to a bound and masked; always masked except level 1) gives the eager output at
+    every H, W in 1..24."""
+    from aggnets.heads import SPoC
+
+    C, K = 3, 2
+    head = {"mac": lambda: MAC(C), "gem": lambda: GeM(C, p=2.5), "spoc": lambda: SPoC(C),
+            "netvlad": lambda: NetVLAD.from_centroids(rand_centroids(K, C), alpha=4.0)}[inner]()
+    pyramid = SpatialPyramid(head, levels=(1, 2, 3)).double()
+    for H in range(1, 25):
+        for W in range(1, 25):
+            x = rand_map(2, C, H, W, kind="positive")
+            assert_close(pyramid._encode(x, None, dynamic=True), pyramid._encode(x, None, dynamic=False),
+                         rtol=1e-10, atol=1e-12)
+
+
+def test_dynamic_cells_take_no_mask():
+    from aggnets.functional import pyramid_cells
+
+    with pytest.raises(ValueError, match="no mask"):
+        pyramid_cells(torch.randn(1, 2, 5, 5), 2, torch.ones(1, 5, 5, dtype=torch.bool), dynamic=True)

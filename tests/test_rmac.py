@@ -170,3 +170,66 @@ def test_rmac_with_rectangular_mask_uses_bounding_box():
     y = RMAC(C).double()(x, mask=m)
     ref = R.per_image(lambda X, mm: R.rmac_ref(X, mm, 3, 0.4, False, "max"), x, m)
     assert_close(y, ref, rtol=1e-7, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the tensor-computed grid used under torch.export (one graph for every H x W) against the Python grid
+
+def dynamic_regions(H, W, levels, overlap):
+    from aggnets.functional.regions import _extra_regions_tensor, level_grid_tensor
+
+    h, w = torch.tensor(H), torch.tensor(W)
+    extra = _extra_regions_tensor(h, w, overlap)
+    regions = []
+    for level in range(1, levels + 1):
+        side, tops, top_valid, lefts, left_valid = level_grid_tensor(h, w, level, extra)
+        if side > 0:
+            regions += [(int(t), int(l), int(side)) for t, tv in zip(tops, top_valid)
+                        for l, lv in zip(lefts, left_valid) if tv and lv]
+    return regions
+
+
+@pytest.mark.parametrize("overlap", [0.4, 0.2, 0.6])
+def test_dynamic_grid_equals_python_grid_exhaustively(overlap):
+    for H in range(1, 41):
+        for W in range(1, 41):
+            assert dynamic_regions(H, W, 4, overlap) == regions_as_tuples(rmac_regions(H, W, 4, overlap)), (H, W)
+
+
+@pytest.mark.parametrize("pool", ["max", "gem"])
+def test_dynamic_descriptor_equals_eager_exhaustively(pool):
+    """rmac(dynamic=True) (the export path) gives the eager descriptor at every H, W in 1..24, levels 1..3, with and
+    without the global region."""
+    from aggnets.functional import rmac
+
+    torch.manual_seed(0)
+    p = torch.tensor([2.5], dtype=torch.float64)
+    for H in range(1, 25):
+        for W in range(1, 25):
+            x = rand_map(2, 3, H, W, kind="positive" if pool == "gem" else "normal")
+            for levels in (1, 2, 3):
+                for include_global in (False, True):
+                    args = dict(levels=levels, include_global=include_global, pool=pool, p=p)
+                    eager = rmac(x, dynamic=False, **args)
+                    assert_close(rmac(x, dynamic=True, **args), eager, rtol=1e-12, atol=1e-12)
+
+
+def test_dynamic_descriptor_per_channel_p_and_gradient():
+    from aggnets.functional import rmac
+
+    x = rand_map(2, 3, 6, 11, kind="positive").requires_grad_()
+    p = torch.tensor([2.0, 3.0, 4.0], dtype=torch.float64)
+    eager = rmac(x, pool="gem", p=p, include_global=True, dynamic=False)
+    dynamic = rmac(x, pool="gem", p=p, include_global=True, dynamic=True)
+    assert_close(dynamic, eager, rtol=1e-12, atol=1e-12)
+    for pool in ("max", "gem"):
+        g_eager, = torch.autograd.grad(rmac(x, pool=pool, dynamic=False).sum(), x)
+        g_dynamic, = torch.autograd.grad(rmac(x, pool=pool, dynamic=True).sum(), x)
+        assert_close(g_dynamic, g_eager, rtol=1e-10, atol=1e-12)
+
+
+def test_dynamic_grid_takes_no_mask():
+    from aggnets.functional import rmac
+
+    with pytest.raises(ValueError, match="no mask"):
+        rmac(torch.randn(1, 2, 5, 5), torch.ones(1, 5, 5, dtype=torch.bool), dynamic=True)

@@ -22,7 +22,8 @@ class SpatialPyramid(PoolingHead):
     ``head`` is a head module, or a registered name built with ``in_channels`` and ``head_kwargs``. Cells follow the
     adaptive-pooling convention (:func:`aggnets.functional.pyramid.cell_bounds`); all cells of a level go through the
     head as one batch, padded cells with a mask. With a mask, the grid covers each image's valid bounding box and a
-    cell with no valid position encodes to zeros.
+    cell with no valid position encodes to zeros. Under ``torch.export`` (ONNX) the cells are laid out with tensor
+    arithmetic on H, W, so the exported graph takes any H x W (without a mask).
     """
 
     def __init__(self, head: Union[nn.Module, str], levels: Sequence[int] = (1, 2, 4), *,
@@ -44,11 +45,13 @@ class SpatialPyramid(PoolingHead):
         self.head = head
         self.levels = levels
 
-    def _encode(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def _encode(self, x: Tensor, mask: Optional[Tensor], dynamic: Optional[bool] = None) -> Tensor:
+        """Encode every level; ``dynamic`` as in :func:`aggnets.functional.pyramid_cells` (default: when exporting
+        with a symbolic H or W)."""
         batch = x.shape[0]
         outputs = []
         for level in self.levels:
-            cells, cell_mask, empty = AF.pyramid_cells(x, level, mask)
+            cells, cell_mask, empty = AF.pyramid_cells(x, level, mask, dynamic=dynamic)
             encoded = self.head(cells, cell_mask)
             if empty is not None:
                 encoded = torch.where(empty.unsqueeze(1), torch.zeros((), dtype=encoded.dtype,
@@ -59,6 +62,9 @@ class SpatialPyramid(PoolingHead):
     def pool(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         if mask is None:
             return self._encode(x, None)
+        if torch.compiler.is_exporting():
+            raise ValueError("SpatialPyramid: cannot export with a mask (the grid follows each image's valid bounding "
+                             "box, which depends on the data); export without a mask")
         return AF.map_valid_boxes(self._encode, x, mask)
 
     def init_from_descriptors(self, descriptors: Any, **kwargs: Any) -> dict:

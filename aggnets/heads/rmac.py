@@ -23,6 +23,9 @@ class RMAC(PoolingHead):
     the paper's grid; ``True`` adds the whole map as one more region, as cnnimageretrieval-pytorch does. With a
     mask, the grid is laid on the bounding box of each image's valid positions, so a padded image gives the
     descriptor of the unpadded one. Vectorised: one separable pooling per scale, no loop over regions.
+    Under ``torch.export`` (ONNX) the grid is computed with tensors from H, W
+    (:func:`aggnets.functional.regions.rmac_region_vectors_dynamic`), so the exported graph takes any H x W (without
+    a mask).
     """
 
     def __init__(self, in_channels: int, levels: int = 3, overlap: float = 0.4, include_global: bool = False,
@@ -43,6 +46,9 @@ class RMAC(PoolingHead):
     def pool(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         if mask is None:
             return self._rmac(x, None)
+        if torch.compiler.is_exporting():
+            raise ValueError("RMAC: cannot export with a mask (the grid follows each image's valid bounding box, which "
+                             "depends on the data); export without a mask")
         return AF.map_valid_boxes(self._rmac, x, mask)
 
     def _options(self) -> list[str]:
