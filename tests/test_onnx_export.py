@@ -136,3 +136,15 @@ def test_export_with_mask_is_refused(head):
     x, mask = torch.randn(2, C, 6, 7), torch.ones(2, 6, 7, dtype=torch.bool)
     with pytest.raises(Exception, match="cannot export with a mask"):
         torch.export.export(WithMask().eval(), (x, mask))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("name", ["gem", "netvlad", "netfv", "rmac"])
+def test_head_on_cuda_exports_and_matches(name, tmp_path):
+    """A model that lives on the GPU exports (example input on its device); onnxruntime (CPU) matches the GPU output."""
+    torch.manual_seed(0)
+    head = make_head(name, C=C, K=K, dtype=torch.float32).cuda()
+    path = export_onnx(head, tmp_path / f"{name}.onnx", example_size=(2, C, 5, 6), verify=False)
+    inputs = [rand_map(*s, kind=input_kind(name), dtype=torch.float32).cuda() for s in ((2, C, 5, 6), (1, C, 9, 7))]
+    assert check_onnx(head, path, inputs, atol=1e-4) <= 1e-4
