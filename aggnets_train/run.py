@@ -103,13 +103,16 @@ def flat_hyperparameters(cfg: DictConfig, groups: tuple[str, ...] = ("backbone",
 
 
 def _one_console_log() -> None:
-    """Lightning's logger has its own console handler; under Hydra the root logger already prints (and writes the
-    run's log file), so every Lightning message appeared twice."""
+    """Under Hydra the root logger prints and writes the run's log file: Lightning's messages go there, once.
+    (Imported before Hydra configured logging, Lightning adds its own console handler and stops propagating; imported
+    after, it propagates: either way its messages end up printed exactly once, and in the log file.)"""
     if logging.getLogger().handlers:
-        lightning_log = logging.getLogger("lightning.pytorch")
-        for handler in list(lightning_log.handlers):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                lightning_log.removeHandler(handler)
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            lightning_log = logging.getLogger(name)
+            for handler in list(lightning_log.handlers):
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                    lightning_log.removeHandler(handler)
+            lightning_log.propagate = True
 
 
 def _tensorboard_dir(loggers: list) -> Optional[str]:
