@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .masking import flatten_positions
 from .norm import accumulation_dtype, l2_normalize, signed_power
+from .precision import autocast_enabled, bmm_full_range
 
 __all__ = ["assign", "assignment_statistics", "netvlad", "netbof", "gmm_assignment", "gmm_log_posteriors",
            "fisher_vector", "netfv"]
@@ -20,20 +21,7 @@ __all__ = ["assign", "assignment_statistics", "netvlad", "netbof", "gmm_assignme
 def _left_multiply(matrix: Tensor, batch: Tensor) -> Tensor:
     """``matrix`` (K, D) times every ``batch[b]`` (D, N) -> (B, K, N) as one batched GEMM on the (B, D, N) layout
     (``torch.matmul`` would fold the batch and copy a transposed (B * N, D) operand)."""
-    return _bmm_full_range(matrix.unsqueeze(0).expand(batch.shape[0], -1, -1), batch)
-
-
-def _bmm_full_range(a: Tensor, b: Tensor) -> Tensor:
-    """``torch.bmm``, but never in float16, whose range (65504) the logits and sums of large activations exceed
-    (bfloat16 has float32's range and keeps autocast's speed)."""
-    if torch.jit.is_scripting():  # TorchScript: no autocast context with a run-time device type
-        if a.dtype == torch.float16:
-            return torch.bmm(a.float(), b.float())
-        return torch.bmm(a, b)
-    if a.dtype == torch.float16 or _autocast_dtype(a.device.type) == torch.float16:
-        with torch.autocast(device_type=a.device.type, enabled=False):
-            return torch.bmm(a.float(), b.float())
-    return torch.bmm(a, b)
+    return bmm_full_range(matrix.unsqueeze(0).expand(batch.shape[0], -1, -1), batch)
 
 
 def assign(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], hard: bool = False,
@@ -71,7 +59,7 @@ def _statistics_reference(descriptors: Tensor, weight: Tensor, bias: Optional[Te
     if with_squares:
         descriptors = torch.cat([descriptors, descriptors * descriptors], dim=1)
     assignment = assign(descriptors, weight, bias, hard, valid)
-    statistics = _bmm_full_range(descriptors, assignment.transpose(1, 2)).transpose(1, 2)
+    statistics = bmm_full_range(descriptors, assignment.transpose(1, 2)).transpose(1, 2)
     return assignment.sum(dim=-1), accumulation_dtype(statistics)
 
 
@@ -143,23 +131,9 @@ class _AssignmentStatistics(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument (CUDA), CPU separately
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast casts matmuls to on ``device_type``, or None when autocast is off there."""
-    if not _autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 def _needs_fast_backward(*tensors: Optional[Tensor]) -> bool:
     device_type = next(t for t in tensors if t is not None).device.type
-    if not torch.is_grad_enabled() or _autocast_enabled(device_type):
+    if not torch.is_grad_enabled() or autocast_enabled(device_type):
         return False
     return any(t is not None and t.requires_grad for t in tensors)
 

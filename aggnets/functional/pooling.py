@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .masking import flatten_positions, zero_masked
 from .norm import accumulation_dtype, signed_power
+from .precision import bmm_full_range
 
 __all__ = ["mac", "spoc", "gem", "crow", "clamped_power"]
 
@@ -82,5 +83,5 @@ def crow(x: Tensor, mask: Optional[Tensor] = None, a: float = 2.0, b: float = 2.
     fraction = positive.sum(dim=-1) / counts                         # (B, C)
     total = fraction.sum(dim=-1, keepdim=True).clamp(min=eps)
     channel = torch.log(total / (eps + fraction))
-    # element-wise in float32 (a bmm would run in float16 under autocast and overflow for activations above ~1e3)
-    return channel * (flat * spatial.unsqueeze(1)).sum(dim=-1)
+    # never in float16 (under autocast the sum overflowed for activations above ~1e3)
+    return channel * bmm_full_range(flat, spatial.unsqueeze(-1)).squeeze(-1)
