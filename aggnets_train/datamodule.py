@@ -70,11 +70,12 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         drop_last = self.drop_last and len(self.train_set) > self.batch_size
         seed = self.seed if self.seed is not None else torch.initial_seed() % 2**32
+        item_seeds = bool(getattr(self.train_set, "seeded_items", False))  # dataset[(index, seed)]: exact augmentations
         if self.samples_per_class is None:
-            sampler = EpochShuffleSampler(len(self.train_set), seed=seed)
+            sampler = EpochShuffleSampler(len(self.train_set), seed=seed, item_seeds=item_seeds)
         else:
             sampler = ClassBalancedSampler(dataset_targets(self.train_set), self.samples_per_class, self.batch_size,
-                                           length=len(self.train_set), seed=seed)
+                                           length=len(self.train_set), seed=seed, item_seeds=item_seeds)
         self._train_loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                                              drop_last=drop_last, seed=seed, num_workers=self.num_workers,
                                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)

@@ -7,8 +7,10 @@ its first batch, so the run continues with exactly the batches and random draws 
 ``num_workers=0``, dropout, drop-path) that the uninterrupted run used. The orders come from samplers seeded by
 ``(seed, epoch)`` alone (:class:`EpochShuffleSampler`, :class:`ClassBalancedSampler`), never from global state.
 
-Limitation: with ``num_workers > 0`` each worker's augmentation stream restarts at resume, so random augmentations
-after a mid-epoch resume differ from the uninterrupted run (the order of images does not).
+Random augmentations are exact too when the dataset has ``seeded_items`` (aggnets' folder datasets): the samplers
+then hand each item its own seed, drawn from ``(seed, epoch)``, so an item's augmentation depends neither on which
+worker loads it nor on a resume. Other datasets augmenting in worker processes resume with the same order of images
+but other random draws.
 """
 from __future__ import annotations
 
@@ -40,17 +42,28 @@ class _EpochSampler(Sampler[int]):
 
 
 class EpochShuffleSampler(_EpochSampler):
-    """A random permutation of ``range(size)`` that depends only on ``(seed, epoch)``."""
+    """A random permutation of ``range(size)`` that depends only on ``(seed, epoch)``.
 
-    def __init__(self, size: int, seed: int = 0) -> None:
+    ``item_seeds=True`` yields ``(index, item_seed)`` pairs instead, for datasets with ``seeded_items`` (their random
+    augmentation of an item is then drawn from ``item_seed``, itself drawn from ``(seed, epoch)``).
+    """
+
+    def __init__(self, size: int, seed: int = 0, item_seeds: bool = False) -> None:
         super().__init__(seed)
-        self.size = int(size)
+        self.size, self.item_seeds = int(size), item_seeds
 
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(torch.randperm(self.size, generator=self._generator()).tolist())
+    def __iter__(self) -> Iterator[Any]:
+        generator = self._generator()
+        order = torch.randperm(self.size, generator=generator).tolist()
+        return _with_item_seeds(order, generator) if self.item_seeds else iter(order)
+
+
+def _with_item_seeds(order: list[int], generator: torch.Generator) -> Iterator[tuple[int, int]]:
+    seeds = torch.randint(0, 2**62, (len(order),), generator=generator).tolist()
+    return iter(list(zip(order, seeds)))
 
 
 class ClassBalancedSampler(_EpochSampler):
@@ -59,11 +72,13 @@ class ClassBalancedSampler(_EpochSampler):
 
     Classes are drawn uniformly per batch; within a class the images are cycled through in a fresh random order, so
     every image is seen before any repeats. Classes with fewer than K images repeat images within the batch.
+    ``item_seeds`` as in :class:`EpochShuffleSampler`.
     """
 
     def __init__(self, labels: Sequence[int], samples_per_class: int, batch_size: int, length: Optional[int] = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, item_seeds: bool = False) -> None:
         super().__init__(seed)
+        self.item_seeds = item_seeds
         labels = torch.as_tensor(labels).flatten()
         self.k = int(samples_per_class)
         if self.k < 1 or batch_size % self.k:
@@ -92,7 +107,7 @@ class ClassBalancedSampler(_EpochSampler):
                         cursors[c] = 0
                     indices.append(int(order[cursors[c]]))
                     cursors[c] += 1
-        return iter(indices)
+        return _with_item_seeds(indices, generator) if self.item_seeds else iter(indices)
 
 
 def _rng_state() -> dict[str, Any]:

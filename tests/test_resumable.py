@@ -119,3 +119,41 @@ def test_datamodule_carries_the_loader_state_through_a_checkpoint():
     rest = [batch[0].tolist() for batch in fresh.train_dataloader()]
     whole = [batch[0].tolist() for batch in ImageDataModule(dataset, batch_size=4, seed=1).train_dataloader()]
     assert first + rest == whole
+
+
+def _augmented_folder(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    from aggnets.data import ImageFolderDataset
+    return ImageFolderDataset(root, image_size=12, augment=True)
+
+
+def test_augmentations_are_drawn_per_item_so_workers_and_resume_do_not_change_them(tmp_path):
+    dataset = _augmented_folder(tmp_path)
+    assert dataset.seeded_items
+    item = dataset[(3, 1234)]
+    assert torch.equal(item[0], dataset[(3, 1234)][0]) and not torch.equal(item[0], dataset[(3, 99)][0])
+
+    def batches(num_workers, state=None, stop=None):
+        module = ImageDataModule(dataset, batch_size=4, seed=5, num_workers=num_workers)
+        if state is not None:
+            module.load_state_dict(state)
+        loader = module.train_dataloader()
+        out = []
+        for batch in loader:
+            out.append(batch[0])
+            if stop is not None and len(out) == stop:
+                return out, module.state_dict()
+        return out, None
+
+    whole, _ = batches(0)
+    assert all(torch.equal(a, b) for a, b in zip(whole, batches(2)[0]))  # the number of workers plays no part
+    first, state = batches(2, stop=1)
+    rest, _ = batches(2, state=state)
+    assert len(first) + len(rest) == len(whole)
+    assert all(torch.equal(a, b) for a, b in zip(first + rest, whole))

@@ -144,7 +144,19 @@ class _FileImageDataset(Dataset):
         # random crops keep at least half the area: decode at twice the size they need, at least
         return open_rgb(self.paths[index], min_size=self.image_size * (2 if self.augment else 1))
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    #: ``dataset[(index, seed)]`` draws the random augmentation of that item from ``seed`` alone (the training
+    #: samplers of ``aggnets_train`` pass one per item, so augmentations do not depend on workers or on a resume)
+    seeded_items = True
+
+    def __getitem__(self, index: Union[int, tuple[int, int]]) -> tuple[Tensor, int]:
+        if isinstance(index, tuple):
+            index, seed = index
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                return self._item(int(index))
+        return self._item(index)
+
+    def _item(self, index: int) -> tuple[Tensor, int]:
         for offset in range(len(self.paths)):
             candidate = (index + offset) % len(self.paths)
             if self.paths[candidate] in self.bad_images:
