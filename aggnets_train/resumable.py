@@ -63,7 +63,7 @@ class EpochShuffleSampler(_EpochSampler):
 
 def _with_item_seeds(order: list[int], generator: torch.Generator) -> Iterator[tuple[int, int]]:
     seeds = torch.randint(0, 2**62, (len(order),), generator=generator).tolist()
-    return iter(list(zip(order, seeds)))
+    return zip(order, seeds)
 
 
 class ClassBalancedSampler(_EpochSampler):

@@ -88,6 +88,22 @@ def _grads(head, x, mask):
     return y, grads
 
 
+def _assert_same_as_eager(head, other, x, masks, label, rtol=RTOL, atol=ATOL):
+    """``other`` (compiled / scripted ``head``) gives eager's output and gradients for every mask in ``masks``."""
+    for m in masks:
+        y_e, g_e = _grads(head, x, m)
+        head.zero_grad(set_to_none=True)
+        y_o, g_o = _grads(other, x, m)
+        head.zero_grad(set_to_none=True)
+        other.zero_grad(set_to_none=True)
+        assert_close(y_o, y_e, rtol, atol, f"{label} forward mask={m is not None}")
+        assert (g_e is None) == (g_o is None)
+        if g_e is not None:
+            assert len(g_e) == len(g_o)
+            for a, b in zip(g_o, g_e):
+                assert_close(a, b, rtol, atol, f"{label} backward mask={m is not None}")
+
+
 def test_tables_name_registered_heads():
     for table in (COMPILE_GRAPH_BREAKS, SCRIPT_FAILS):
         assert set(table) <= set(HEAD_NAMES)
@@ -109,17 +125,7 @@ def test_compile_matches_eager(name):
         with torch.no_grad():
             nomask = torch.compile(head, backend="aot_eager", fullgraph=True)
             assert_close(nomask(x), head(x), RTOL, ATOL, f"{name} no mask, fullgraph")
-    for m in (None, mask):
-        y_e, g_e = _grads(head, x, m)
-        head.zero_grad(set_to_none=True)
-        y_c, g_c = _grads(compiled, x, m)
-        head.zero_grad(set_to_none=True)
-        assert_close(y_c, y_e, RTOL, ATOL, f"{name} train forward mask={m is not None}")
-        assert (g_e is None) == (g_c is None)
-        if g_e is not None:
-            assert len(g_e) == len(g_c)
-            for a, b in zip(g_c, g_e):
-                assert_close(a, b, RTOL, ATOL, f"{name} backward mask={m is not None}")
+    _assert_same_as_eager(head, compiled, x, (None, mask), f"{name} compiled")
 
 
 @pytest.mark.parametrize("name", HEAD_NAMES)
@@ -143,13 +149,7 @@ def test_compile_inductor_smoke():
         head = _head(name)
         x, mask = _inputs(name)
         compiled = torch.compile(head, backend="inductor", fullgraph=True)
-        y_e, g_e = _grads(head, x, mask)
-        head.zero_grad(set_to_none=True)
-        y_c, g_c = _grads(compiled, x, mask)
-        head.zero_grad(set_to_none=True)
-        assert_close(y_c, y_e, RTOL, ATOL, name)
-        for a, b in zip(g_c, g_e):
-            assert_close(a, b, RTOL, ATOL, f"{name} backward")
+        _assert_same_as_eager(head, compiled, x, (mask,), f"{name} inductor")
 
 
 @pytest.mark.cuda
@@ -161,14 +161,7 @@ def test_compile_inductor_cuda_matches_eager(name):
     x, mask = _inputs(name)
     x, mask = x.cuda().float(), mask.cuda()
     compiled = torch.compile(head, backend="inductor", fullgraph=name not in COMPILE_GRAPH_BREAKS)
-    for m in (None, mask):
-        y_e, g_e = _grads(head, x, m)
-        head.zero_grad(set_to_none=True)
-        y_c, g_c = _grads(compiled, x, m)
-        head.zero_grad(set_to_none=True)
-        assert_close(y_c, y_e, 1e-4, 1e-5, f"{name} cuda mask={m is not None}")
-        for a, b in zip(g_c or [], g_e or []):
-            assert_close(a, b, 1e-4, 1e-5, f"{name} cuda backward mask={m is not None}")
+    _assert_same_as_eager(head, compiled, x, (None, mask), f"{name} cuda", rtol=1e-4, atol=1e-5)
 
 
 # --- TorchScript ----------------------------------------------------------------------------------------------------
@@ -212,17 +205,7 @@ def _check_scripted(name, head, scripted):
     """Forward and backward equal eager, with and without a mask; then other sizes and masks (nothing baked in)."""
     assert [n for n, _ in scripted.named_parameters()] == [n for n, _ in head.named_parameters()]
     x, mask = _inputs(name)
-    for m in (None, mask):
-        y_e, g_e = _grads(head, x, m)
-        head.zero_grad(set_to_none=True)
-        y_s, g_s = _grads(scripted, x, m)
-        scripted.zero_grad(set_to_none=True)
-        assert_close(y_s, y_e, RTOL, ATOL, f"{name} scripted forward mask={m is not None}")
-        assert (g_e is None) == (g_s is None)
-        if g_e is not None:
-            assert len(g_e) == len(g_s)
-            for a, b in zip(g_s, g_e):
-                assert_close(a, b, RTOL, ATOL, f"{name} scripted backward mask={m is not None}")
+    _assert_same_as_eager(head, scripted, x, (None, mask), f"{name} scripted")
     x3, mask3 = _inputs(name, h=H + 2, w=W - 2, seed=2)
     _, mask4 = _inputs(name, seed=1)
     mask4[0, :2, :] = False

@@ -6,9 +6,9 @@ recognition: images grouped by landmark or place id (``root/<id>/*.jpg`` or a ``
 validation and test hold only unseen landmarks, as metric learning is evaluated.
 
 Both return ``(image (3, image_size, image_size) float32 in [0, 1], label)``: the image is read with PIL, converted
-to RGB (any mode, 16-bit and transparency included: :mod:`aggnets.data.decode`), resized so its shorter side is ``image_size`` and centre-cropped (no distortion), or with ``augment=True``
-randomly resized-cropped (scale 0.5..1) and flipped. Backbones normalise the input themselves. Splits are
-deterministic given ``seed``.
+to RGB (any mode, 16-bit and transparency included: :mod:`aggnets.data.decode`), resized so its shorter side is
+``image_size`` and centre-cropped (no distortion), or with ``augment=True`` randomly resized-cropped (scale 0.5..1)
+and flipped. Backbones normalise the input themselves. Splits are deterministic given ``seed``.
 
 A file that cannot be decoded (empty, truncated, corrupt, too large) never stops a run: with
 ``on_bad_image="skip"`` (the default) it is replaced by the next readable image of the dataset, and a
@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import csv as csv_module
 import os
-from typing import Callable, Optional, Sequence, Union
-
 import warnings
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch

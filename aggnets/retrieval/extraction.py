@@ -117,9 +117,10 @@ def load_image(path: PathLike, max_size: Optional[int] = 1024, bbox: Optional[BB
 
     Any PIL mode is converted to RGB by :func:`aggnets.data.decode.to_rgb` (16-bit scaled to 8 bits, transparency
     composited onto white); a file that cannot be decoded raises :class:`~aggnets.data.decode.UnreadableImageError`.
-    ``bbox`` = (x1, y1, x2, y2) in the original pixel coordinates (rounded to ints, as PIL does) crops the image *before* resizing (the revisited
-    Oxford/Paris protocol crops the queries). The image (or crop) is then resized, antialiased (PIL bicubic), so
-    that its longer side is ``max_size`` (``None``: no resizing; ``upscale=False``: smaller images keep their size).
+    ``bbox`` = (x1, y1, x2, y2) in the original pixel coordinates (rounded to ints, as PIL does) crops the image
+    *before* resizing (the revisited Oxford/Paris protocol crops the queries). The image (or crop) is then resized,
+    antialiased (PIL bicubic), so that its longer side is ``max_size`` (``None``: no resizing; ``upscale=False``:
+    smaller images keep their size).
     EXIF orientation tags are ignored (as the retrieval benchmarks do).
     """
     from PIL import Image
