@@ -7,30 +7,19 @@ The graph is exported with the ``torch.export``-based exporter (``torch.onnx.exp
 TorchScript exporter bakes shape-derived constants (e.g. NetVLAD, NetFV fail to load; BoF is wrong at another H x W).
 The exported graph takes the image / feature map only (no mask) and runs in eval mode.
 
-Dynamic H x W, head by head (:data:`ONNX_DYNAMIC_HW`):
+Dynamic H x W is declared by each head (``head.capabilities.dynamic_onnx``): every registered head exports at any
+H x W — reductions over all positions, 1x1-conv assignments and sums (N read from the graph's shape); R-MAC's region
+grid and a spatial pyramid's cells are computed with tensors from H, W under ``torch.export`` (a pyramid is dynamic
+when its wrapped head is, and takes a mask in one graph). A head whose declaration says otherwise is exported with
+the H x W of the example input fixed (the batch stays dynamic): onnxruntime rejects another size with
+``INVALID_ARGUMENT`` instead of returning a wrong descriptor.
 
-==================  ===============  ================================================================================
-head                dynamic H x W    why
-==================  ===============  ================================================================================
-mac, spoc, gem,     yes              reductions over all positions
-crow
-vlad, netvlad,      yes              1x1-conv assignment + sums over positions (N is read from the graph's shape)
-bof, netbof,
-fisher_vector,
-netfv
-rmac                yes              under ``torch.export`` the region grid is computed with tensors from H, W: at
-                                     most ``l + 6`` rows / columns per scale, absent regions masked to zero
-spatial_pyramid     yes, if the      under ``torch.export`` the cells are laid out with tensors from H, W, padded to
-                    wrapped head is  a bound of the largest and masked (the wrapped head must take a mask: not rmac)
-==================  ===============  ================================================================================
-
-R-MAC and spatial pyramids are exported without a mask (their masked forms crop each image to its valid box, whose
-size depends on the data): exporting them with a mask raises ``ValueError``.
-
-A head with ``False`` (or a head this table does not know) is exported with the H x W of the example input fixed
-(the batch stays dynamic): onnxruntime rejects another size with ``INVALID_ARGUMENT`` instead of returning a wrong
-descriptor. :func:`export_onnx` also refuses to return a graph whose inputs lost a dimension it was asked to keep
-dynamic, and (``verify=True``) checks the graph with onnxruntime at the example size and at a second batch / size.
+Heads whose masked form is not one graph (``capabilities.fullgraph`` False: R-MAC, spatial pyramids, which crop each
+image to its valid box) are exported without a mask: exporting them with a mask raises ``ValueError``. A bare head
+that takes the backbone's global token (``capabilities.global_token``) is exported with two inputs, ``x`` and
+``token`` (B, C); inside an :class:`~aggnets.Embedder` the token comes from the backbone. :func:`export_onnx` also
+refuses to return a graph whose inputs lost a dimension it was asked to keep dynamic, and (``verify=True``) checks
+the graph with onnxruntime at the example size and at a second batch / size.
 """
 from __future__ import annotations
 
@@ -43,17 +32,10 @@ from torch import Tensor, nn
 
 from .heads.base import PoolingHead
 from .models import Embedder
-from .registry import get_head_class, list_heads
 
-__all__ = ["ONNX_DYNAMIC_HW", "supports_dynamic_hw", "export_onnx", "check_onnx"]
+__all__ = ["supports_dynamic_hw", "export_onnx", "check_onnx"]
 
-ONNX_DYNAMIC_HW: dict[str, bool] = {
-    "mac": True, "spoc": True, "gem": True, "crow": True,
-    "vlad": True, "netvlad": True, "bof": True, "netbof": True, "fisher_vector": True, "netfv": True,
-    "rmac": True, "spatial_pyramid": True,
-}
-_NEEDS_MASKED_INNER = {"spatial_pyramid"}  # run the wrapped head on masked (padded) cells when exporting
-_NO_MASK_AT_EXPORT = {"rmac", "spatial_pyramid"}
+Inputs = Union[Tensor, Sequence[Tensor]]
 
 
 def _head(model: nn.Module) -> nn.Module:
@@ -64,31 +46,32 @@ def _head(model: nn.Module) -> nn.Module:
     raise TypeError(f"export_onnx: expected an aggnets.Embedder or a pooling head, got {type(model).__name__}")
 
 
-def _head_name(head: nn.Module) -> Optional[str]:
-    return next((name for name in list_heads() if get_head_class(name) is type(head)), None)
-
-
 def supports_dynamic_hw(model: nn.Module) -> bool:
-    """Whether the ONNX graph of ``model`` (an Embedder or a head) is right at every H x W (:data:`ONNX_DYNAMIC_HW`
-    of its head; ``False`` for a head the table does not list; for a spatial pyramid, also of the wrapped head, which
-    must take a mask at export)."""
+    """Whether the ONNX graph of ``model`` (an Embedder or a head) is right at every H x W: its head's
+    ``capabilities.dynamic_onnx`` (an Embedder's backbone takes any size)."""
     head = _head(model)
-    name = _head_name(head) or ""
-    if name in _NEEDS_MASKED_INNER:
-        inner = _head_name(head.head) or ""
-        return ONNX_DYNAMIC_HW.get(name, False) and inner not in _NO_MASK_AT_EXPORT and supports_dynamic_hw(head.head)
-    return ONNX_DYNAMIC_HW.get(name, False)
+    capabilities = getattr(head, "capabilities", None)
+    return bool(getattr(capabilities, "dynamic_onnx", False))
 
 
-class _ImagesOnly(nn.Module):
-    """``model(x)`` with no mask argument: the exported graph has one input."""
+def _takes_token(model: nn.Module) -> bool:
+    """A bare head that uses the global token is exported with a ``token`` input."""
+    return isinstance(model, PoolingHead) and model.uses_token
+
+
+class _WithoutMask(nn.Module):
+    """``model(x)`` (or ``model(x, None, token)`` for a token head) with no mask argument."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    def forward(self, x: Tensor, token: Optional[Tensor] = None) -> Tensor:
+        return self.model(x) if token is None else self.model(x, None, token)
+
+
+def _as_inputs(inputs: Inputs) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
 def _parameter(model: nn.Module) -> Tensor:
@@ -110,8 +93,9 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *,
     feature map) to the ONNX file ``path`` (input ``x``, output ``descriptor`` (B, out_dim)); return ``path``.
 
     ``example_size`` is the traced input size (default (1, 3, 224, 224) for an Embedder, (1, C, 7, 7) for a head); it
-    is also the fixed H x W when the head cannot take another size (see the module table; a head it does not list is
-    exported with a fixed H x W and dynamic batch, with a warning, when ``dynamic_hw=True``).
+    is also the fixed H x W when the head does not declare ``dynamic_onnx`` (exported with a fixed H x W and dynamic
+    batch, with a warning, when ``dynamic_hw=True``). A bare head that uses the global token gets a second input,
+    ``token`` (B, C).
     ``opset`` is passed to the exporter (``None``: its default). The model is exported in eval mode; its training
     flag is restored afterwards. ``verify`` runs :func:`check_onnx` at the example size and at a second size
     (another batch and, when H x W is dynamic, another H x W) and raises if onnxruntime and PyTorch differ by more
@@ -122,7 +106,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *,
         raise ValueError(f"export_onnx: example_size must be (B, C, H, W), got {example_size}")
     hw = bool(dynamic_hw) and supports_dynamic_hw(model)
     if dynamic_hw and not hw:
-        warnings.warn(f"export_onnx: the {type(_head(model)).__name__} head is not known to take any H x W; "
+        warnings.warn(f"export_onnx: the {type(_head(model)).__name__} head does not declare dynamic_onnx; "
                       f"exporting with a fixed H x W = {example_size[2]} x {example_size[3]} (dynamic batch only)",
                       stacklevel=2)
     reference = _parameter(model)
@@ -130,31 +114,37 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *,
     # torch.export specialises dimensions of size 0 / 1: trace dynamic ones at >= 2
     trace_size = (max(batch, 2) if dynamic_batch else batch, channels,
                   max(height, 2) if hw else height, max(width, 2) if hw else width)
-    example = torch.randn(trace_size, dtype=reference.dtype if reference.is_floating_point() else torch.float32,
-                          device=reference.device)
+    dtype = reference.dtype if reference.is_floating_point() else torch.float32
+    token = _takes_token(model)
+
+    def example_inputs(size: Sequence[int]) -> Inputs:
+        x = torch.randn(tuple(size), dtype=dtype, device=reference.device)
+        if isinstance(model, PoolingHead) and model.capabilities.input_domain == "nonnegative":
+            x = x.relu()
+        return (x, torch.randn(size[0], size[1], dtype=dtype, device=reference.device)) if token else x
+
     dims = {}
     if dynamic_batch:
         dims[0] = torch.export.Dim.DYNAMIC
     if hw:
         dims[2] = dims[3] = torch.export.Dim.DYNAMIC
+    shapes = ({**dims}, {0: dims[0]} if dynamic_batch else None) if token else ({**dims},)
     was_training = model.training
     model.eval()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_ImagesOnly(model).eval(), (example,), str(path), dynamo=True, external_data=False,
-                              input_names=["x"], output_names=["descriptor"], dynamic_shapes=({**dims},) if dims
-                              else None, opset_version=opset, verbose=False)
+            torch.onnx.export(_WithoutMask(model).eval(), _as_inputs(example_inputs(trace_size)), str(path),
+                              dynamo=True, external_data=False, input_names=["x", "token"] if token else ["x"],
+                              output_names=["descriptor"], dynamic_shapes=shapes if dims else None,
+                              opset_version=opset, verbose=False)
     finally:
         model.train(was_training)
     _check_dynamic_inputs(str(path), set(dims))
     if verify:
         second = (batch + 2 if dynamic_batch else batch, channels,
                   height + max(2, height // 4) if hw else height, width + max(3, width // 8) if hw else width)
-        inputs = [torch.randn(size, dtype=example.dtype, device=example.device) for size in (example_size, second)]
-        if isinstance(model, PoolingHead) and _head_name(model) == "crow":
-            inputs = [x.relu() for x in inputs]  # CroW is defined for non-negative maps
-        check_onnx(model, path, inputs, atol=atol)
+        check_onnx(model, path, [example_inputs(size) for size in (example_size, second)], atol=atol)
     return str(path)
 
 
@@ -170,24 +160,27 @@ def _check_dynamic_inputs(path: str, dynamic: set[int]) -> None:
                            "dynamic (the model's graph depends on them in Python); export with them fixed instead")
 
 
-def check_onnx(model: nn.Module, path: Union[str, os.PathLike], inputs: Sequence[Tensor],
+def check_onnx(model: nn.Module, path: Union[str, os.PathLike], inputs: Sequence[Inputs],
                atol: Optional[float] = 1e-4) -> float:
     """Run the ONNX file ``path`` with onnxruntime (CPUExecutionProvider) on every input and compare with ``model``
-    in eval mode; return the largest absolute difference. Raises ``AssertionError`` on a shape mismatch or when the
-    difference exceeds ``atol`` (``None``: never), and onnxruntime's error for an input size the graph rejects."""
+    in eval mode; return the largest absolute difference. An input is a tensor, or ``(x, token)`` for a bare head
+    exported with a token. Raises ``AssertionError`` on a shape mismatch or when the difference exceeds ``atol``
+    (``None``: never), and onnxruntime's error for an input size the graph rejects."""
     import numpy as np
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    names = [graph_input.name for graph_input in session.get_inputs()]
     was_training = model.training
     model.eval()
     worst = 0.0
     try:
-        for x in inputs:
+        for item in inputs:
+            tensors = _as_inputs(item)
+            x = tensors[0]
             with torch.no_grad():
-                expected = model(x).detach().cpu().numpy()
-            actual = session.run(None, {name: x.detach().cpu().numpy()})[0]
+                expected = _WithoutMask(model)(*tensors).detach().cpu().numpy()
+            actual = session.run(None, {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)})[0]
             if actual.shape != expected.shape:
                 raise AssertionError(f"check_onnx: ONNX output {actual.shape} != PyTorch {expected.shape} "
                                      f"for input {tuple(x.shape)}")

@@ -11,34 +11,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .heads.assignment import ConvAssignmentHead
-from .heads.global_pool import GeM
-from .heads.netfv import NetFV
-from .heads.netvlad import NetVLAD
-from .heads.pyramid import SpatialPyramid
+from .heads.base import PoolingHead
 
-__all__ = ["codebook_heads", "head_internals", "cluster_usage", "UsageAccumulator", "palette", "assignment_overlay"]
+__all__ = ["codebook_heads", "head_internals", "head_maps", "cluster_usage", "UsageAccumulator", "palette",
+           "assignment_overlay"]
 
 _GOLDEN_RATIO_CONJUGATE = (math.sqrt(5.0) - 1.0) / 2.0
 
 
-def _has_codebook(module: nn.Module) -> bool:
-    if isinstance(module, SpatialPyramid):
-        return _has_codebook(module.head)
-    return callable(getattr(module, "assignment_map", None))
+def _capabilities(module: nn.Module):
+    return module.capabilities if isinstance(module, PoolingHead) else None
 
 
 def codebook_heads(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the submodules of ``module`` (itself included, name ``""``) that have a working
-    ``assignment_map`` (NetVLAD, VLAD, NetBoF, BoF, NetFV, FisherVector, and SpatialPyramids around one of them).
+    """``(name, module)`` of the heads inside ``module`` (itself included, name ``""``) that declare a codebook
+    (``capabilities.codebook`` is ``"centroids"`` or ``"gmm"``: NetVLAD, VLAD, NetBoF, BoF, NetFV, FisherVector, and
+    SpatialPyramids around one of them); each has ``assignment_map(x, mask)``.
 
-    Each codebook is listed once, under the outermost module that sees the whole feature map: a SpatialPyramid is
+    Each codebook is listed once, under the outermost head that sees the whole feature map: a SpatialPyramid is
     listed and its wrapped head (which only sees pyramid cells) is not. A pyramid around a head without codebook
     (e.g. GeM) is not listed.
     """
     found: list[tuple[str, nn.Module]] = []
     for name, sub in module.named_modules():
-        if _has_codebook(sub) and not any(name.startswith(f"{outer}.") or outer == "" for outer, _ in found):
+        capabilities = _capabilities(sub)
+        if capabilities is None or capabilities.codebook == "none":
+            continue
+        if not any(name.startswith(f"{outer}.") or outer == "" for outer, _ in found):
             found.append((name, sub))
     return found
 
@@ -48,8 +47,9 @@ def _watch(value: Tensor) -> Tensor:
 
 
 def head_internals(module: nn.Module) -> dict[str, Tensor]:
-    """The parameters worth watching of every head inside ``module``, keyed ``"<module path>/<name>"`` (just
-    ``"<name>"`` for ``module`` itself); detached float32 CPU tensors, scalars 0-d, per-cluster values (K,).
+    """The values worth watching of every head inside ``module`` (each head's :meth:`~PoolingHead.internals`,
+    declared in ``capabilities.internals``), keyed ``"<module path>/<name>"`` (just ``"<name>"`` for ``module``
+    itself); detached float32 CPU tensors, scalars 0-d, per-cluster values (K,).
 
     - GeM: ``p`` (the exponent, (1,) or (C,)).
     - NetVLAD / VLAD / NetBoF / BoF: ``alpha`` (0-d; inf for hard assignment) and ``assign_weight_norm``
@@ -61,20 +61,35 @@ def head_internals(module: nn.Module) -> dict[str, Tensor]:
     """
     values: dict[str, Tensor] = {}
     for path, sub in module.named_modules():
+        if not isinstance(sub, PoolingHead):
+            continue
         prefix = f"{path}/" if path else ""
-        entries: dict[str, Tensor] = {}
-        if isinstance(sub, GeM):
-            entries["p"] = sub.p
-        if isinstance(sub, ConvAssignmentHead):
-            entries["alpha"] = sub.alpha
-            entries["assign_weight_norm"] = torch.linalg.vector_norm(sub.assign_weight, dim=1)
-        if isinstance(sub, NetVLAD):
-            entries["centroid_norm"] = torch.linalg.vector_norm(sub.centroids, dim=1)
-        if isinstance(sub, NetFV):
-            entries["mixture_weights"] = sub.weights
-            entries["mean_variance"] = sub.variances.mean(dim=1)
+        entries = sub.internals()
+        declared = set(sub.capabilities.internals)
+        if set(entries) != declared:
+            raise RuntimeError(f"{type(sub).__name__}.internals() returned {sorted(entries)} but the class declares "
+                               f"{sorted(declared)} (capabilities.internals)")
         values.update({prefix + name: _watch(value) for name, value in entries.items()})
     return values
+
+
+def head_maps(module: nn.Module, x: Tensor, mask: Optional[Tensor] = None,
+              token: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """The per-position maps of the outermost heads inside ``module`` that declare some (``capabilities.maps``,
+    e.g. ``assignment`` for a codebook head), keyed ``"<module path>/<name>"``: detached (B, M, H, W) tensors of the
+    feature map ``x``. A SpatialPyramid reports its wrapped head's maps of the whole map."""
+    maps: dict[str, Tensor] = {}
+    seen: list[str] = []
+    for path, sub in module.named_modules():
+        capabilities = _capabilities(sub)
+        if capabilities is None or not capabilities.maps or any(path.startswith(f"{o}.") or o == "" for o in seen):
+            continue
+        seen.append(path)
+        prefix = f"{path}/" if path else ""
+        with torch.no_grad():
+            entries = sub.internal_maps(x, mask, token if sub.uses_token else None)
+        maps.update({prefix + name: value.detach() for name, value in entries.items()})
+    return maps
 
 
 def cluster_usage(mass: Tensor, *, dead_threshold: float = 0.01) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aggnets.inspect import UsageAccumulator, assignment_overlay, codebook_heads, head_internals
+from aggnets.inspect import UsageAccumulator, assignment_overlay, codebook_heads, head_internals, head_maps
 
 __all__ = ["HeadMonitor"]
 
@@ -38,8 +38,8 @@ class HeadMonitor(L.Callback):
     During validation: the soft-assignment mass per cluster, summed over all positions of all validation images
     (all-reduced across ranks) — logged as a histogram of the per-cluster fractions, their entropy, normalised
     entropy, perplexity and the number of dead clusters (fraction < ``dead_threshold`` / K).
-    After validation: assignment maps (arg-max cluster, shaded by confidence) over ``num_images`` fixed validation
-    images, one image grid per codebook head. At the end of fit: ``projector_samples`` validation embeddings in
+    After validation: the heads' declared maps (``capabilities.maps``, e.g. a codebook head's assignment: arg-max
+    channel, shaded by its value) over ``num_images`` fixed validation images, one image grid per map. At the end of fit: ``projector_samples`` validation embeddings in
     the TensorBoard projector, with labels and thumbnails.
     """
 
@@ -127,18 +127,18 @@ class HeadMonitor(L.Callback):
 
     @torch.no_grad()
     def _log_assignment_maps(self, trainer: L.Trainer, pl_module: L.LightningModule, writer: Any) -> None:
-        heads = codebook_heads(pl_module.embedder.head)
-        if not heads or self.num_images <= 0:
+        if self.num_images <= 0:
             return
         from torchvision.utils import make_grid
         images, _ = self._fixed_images(trainer, self.num_images)
         was_training = pl_module.training
         pl_module.eval()
-        features = pl_module.embedder.features(images.to(pl_module.device))
-        for name, head in heads:
-            overlay = assignment_overlay(images, head.assignment_map(features).cpu())
+        out = pl_module.embedder.backbone_output(images.to(pl_module.device))
+        for key, value in head_maps(pl_module.embedder.head, out.map, None, out.token).items():
+            path, _, name = key.rpartition("/")
+            overlay = assignment_overlay(images, value.cpu())
             grid = make_grid(torch.cat([images, overlay]), nrow=len(images), padding=2, pad_value=1.0)
-            writer.add_image(f"{_tag(name)}/assignment_map", grid.float().clamp(0, 1), trainer.global_step)
+            writer.add_image(f"{_tag(path)}/{name}_map", grid.float().clamp(0, 1), trainer.global_step)
         pl_module.train(was_training)
 
     @torch.no_grad()

@@ -1,6 +1,8 @@
 """Shared test helpers: random feature maps, garbage padding, and one factory that builds every registered head.
 
-Nothing here computes an expected value; see references.py for that.
+Which generic checks apply to a head comes from what its class declares (``capabilities``); test_capabilities.py
+pins the seed heads' declarations against an independent table. Nothing here computes an expected value; see
+references.py for that.
 """
 
 from __future__ import annotations
@@ -12,21 +14,33 @@ import torch
 import aggnets
 from aggnets import heads as AH
 
+HEAD_NAMES = aggnets.list_heads()
+
+
+def capabilities(name):
+    """The declared capabilities of registered head ``name`` (its class attribute)."""
+    return aggnets.get_head_class(name).capabilities
+
+
 # Heads whose output depends only on the multiset of valid local descriptors (not on their positions).
-ORDERLESS = {"mac", "spoc", "gem", "crow", "vlad", "netvlad", "bof", "netbof", "fisher_vector", "netfv"}
-# Heads that look at the spatial layout (region / cell grids on the bounding box of the valid positions).
-SPATIAL = {"rmac", "spatial_pyramid"}
+ORDERLESS = {n for n in HEAD_NAMES if capabilities(n).orderless}
+# Heads that look at the spatial layout (region / cell grids, positions).
+SPATIAL = set(HEAD_NAMES) - ORDERLESS
 # Heads with a codebook (num_clusters is their second constructor argument).
-CODEBOOK = {"vlad", "netvlad", "bof", "netbof", "fisher_vector", "netfv"}
+CODEBOOK = {n for n in HEAD_NAMES if capabilities(n).codebook != "none"}
 # Heads whose output is L2-normalised by definition.
-L2_OUTPUT = {"rmac", "vlad", "netvlad", "fisher_vector", "netfv"}
+L2_OUTPUT = {n for n in HEAD_NAMES if capabilities(n).l2_output}
+# Heads that take the backbone's global token.
+TOKEN = {n for n in HEAD_NAMES if capabilities(n).global_token != "none"}
+# Heads that honour a mask (the others must refuse one), and heads that take any map size (the others are built for
+# one with ``make_head(..., size=(H, W))`` and must refuse another).
+MASKED = {n for n in HEAD_NAMES if capabilities(n).mask}
+ANY_SIZE = {n for n in HEAD_NAMES if capabilities(n).any_size}
 
 EXPECTED_NAMES = sorted(
-    ["bof", "crow", "fisher_vector", "gem", "mac", "netbof", "netfv", "netvlad", "rmac", "spatial_pyramid", "spoc",
-     "vlad"]
+    ["bof", "class_token", "crow", "fisher_vector", "gem", "mac", "netbof", "netfv", "netvlad", "rmac",
+     "spatial_pyramid", "spoc", "vlad"]
 )
-
-HEAD_NAMES = aggnets.list_heads()
 
 
 def rand_map(B, C, H, W, kind="normal", dtype=torch.float64):
@@ -95,7 +109,7 @@ def rand_gmm(K, C):
     return w, means, var
 
 
-def make_head(name, C=4, K=3, dtype=torch.float64):
+def make_head(name, C=4, K=3, dtype=torch.float64, size=None):
     """Build registered head `name` with small sizes and a sensible (random) initialisation.
 
     Codebook heads are initialised from random centroids / a random GMM, so that their assignments are
@@ -118,11 +132,15 @@ def make_head(name, C=4, K=3, dtype=torch.float64):
         head = AH.NetFV.from_gmm(*rand_gmm(K, C))
     elif name == "fisher_vector":
         head = AH.FisherVector.from_gmm(*rand_gmm(K, C))
-    else:  # a head added later: build it generically
+    else:  # a head added later: build it generically (a fixed-size head for ``size``, through its size_args)
+        kwargs = {"in_channels": C}
+        size_args = capabilities(name).size_args
+        if size_args:
+            kwargs.update(zip(size_args, size or (5, 6)))
         try:
-            head = aggnets.build_head(name, in_channels=C, num_clusters=K)
+            head = aggnets.build_head(name, num_clusters=K, **kwargs)
         except TypeError:
-            head = aggnets.build_head(name, in_channels=C)
+            head = aggnets.build_head(name, **kwargs)
     return head.to(dtype)
 
 
@@ -134,12 +152,15 @@ def expected_out_dim(name, C=4, K=3):
         "netvlad": K * C, "vlad": K * C,
         "netbof": K, "bof": K,
         "netfv": 2 * K * C, "fisher_vector": 2 * K * C,
+        "class_token": C,
     }.get(name)
 
 
 def input_kind(name):
-    """Input distribution suited to a head (CroW is defined for non-negative maps)."""
-    return "nonneg" if name == "crow" else "normal"
+    """Input distribution suited to a head (its declared input domain: CroW is defined for non-negative maps).
+    ``name`` is a registered head or a variant named after one (``"gem_per_channel"``)."""
+    registered = max((n for n in HEAD_NAMES if name == n or name.startswith(n + "_")), key=len)
+    return "nonneg" if capabilities(registered).input_domain == "nonnegative" else "normal"
 
 
 def assert_close(actual, expected, rtol=1e-7, atol=1e-10, msg=""):

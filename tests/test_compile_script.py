@@ -2,13 +2,15 @@
 
 * torch.compile: every head is compiled (backend "aot_eager": dynamo + AOTAutograd, the same graph capture and
   backward graph as inductor, without inductor's slow C++ code generation on CPU) and must match eager with and
-  without a mask, forward and backward. ``fullgraph=True`` everywhere except where COMPILE_GRAPH_BREAKS says why not;
-  the table is checked both ways (a listed head must still break, an unlisted one must not) with
-  ``torch._dynamo.explain``. One inductor smoke test compiles a codebook head and GeM for real.
+  without a mask, forward and backward. ``fullgraph=True`` everywhere except for heads that declare
+  ``capabilities.fullgraph = False`` (their masked form reads the mask's layout in Python); the declaration is
+  checked both ways (such a head must still break, another must not) with ``torch._dynamo.explain``. One inductor
+  smoke test compiles a codebook head and GeM for real.
 * TorchScript: ``torch.jit.script`` is tried for every head. A scripted head must match eager with and without a
   mask, forward and backward (input and parameter gradients), then at another size and with another mask (nothing
   is baked in), raise the eager error messages, and survive ``torch.jit.save`` / ``torch.jit.load``. Where scripting
-  fails (SCRIPT_FAILS, with the reason; checked both ways) the head is ``torch.jit.trace``d instead. A traced graph is
+  fails (heads declaring ``capabilities.scriptable = False``; checked both ways; NOT_SCRIPTABLE_BECAUSE says why for
+  the seed heads) the head is ``torch.jit.trace``d instead. A traced graph is
   checked at the traced size, then at another size and with another mask: heads in TRACE_SIZE_SPECIFIC /
   TRACE_MASK_SPECIFIC bake the layout into the trace (checked both ways).
 
@@ -21,24 +23,22 @@ import warnings
 import pytest
 import torch
 
-from .helpers import HEAD_NAMES, assert_close, input_kind, make_head, rand_map
+from .helpers import HEAD_NAMES, assert_close, capabilities, input_kind, make_head, rand_map
 
 C, K, H, W = 8, 4, 5, 6
 RTOL, ATOL = 1e-5, 1e-9
 
-# Heads that cannot be captured as one graph, and why (only with a mask: without one they are fullgraph).
-COMPILE_GRAPH_BREAKS = {
+# Why the seed heads declare fullgraph=False / scriptable=False (documentation of their declarations).
+GRAPH_BREAKS_BECAUSE = {
     "rmac": "masked: regions are laid out on the bounding box of the valid positions (map_valid_boxes), a "
             "data-dependent crop size read with .item()/bool() -> graph break (no mask: one graph)",
     "spatial_pyramid": "masked: cells are laid out on the bounding box of the valid positions (map_valid_boxes), "
                        "a data-dependent crop size read with .item()/bool() -> graph breaks (no mask: one graph)",
 }
-
-# Heads that torch.jit.script cannot compile, and why; they are exported with torch.jit.trace instead.
 _SCRIPT_REASON_BOXES = ("with a mask, pool() calls map_valid_boxes (functional/masking.py), which takes a Python "
                         "callable (a bound method) and groups the images by their valid box in a dict of Python "
                         "tuples: TorchScript has no first-class functions")
-SCRIPT_FAILS = {
+NOT_SCRIPTABLE_BECAUSE = {
     "rmac": "the region code (functional/regions.py) is not in the TorchScript subset (first error: rmac's f-string "
             "uses {pool!r}, 'Don't support conversion in JoinedStr'; it and RMAC.pool also call "
             "torch.compiler.is_exporting(), see spatial_pyramid); beyond that, " + _SCRIPT_REASON_BOXES,
@@ -47,6 +47,8 @@ SCRIPT_FAILS = {
                        "as a value'), and builds the cells from Python lists of bounds; beyond that, "
                        + _SCRIPT_REASON_BOXES,
 }
+BREAKS = {n for n in HEAD_NAMES if not capabilities(n).fullgraph}
+NOT_SCRIPTABLE = {n for n in HEAD_NAMES if not capabilities(n).scriptable}
 # Traced graphs that are only valid at the traced (H, W): the region / cell layout is computed in Python from H, W.
 TRACE_SIZE_SPECIFIC = {"rmac", "spatial_pyramid"}
 # Traced graphs that are only valid for the traced mask: the layout is computed from the mask's bounding box.
@@ -105,9 +107,8 @@ def _assert_same_as_eager(head, other, x, masks, label, rtol=RTOL, atol=ATOL):
 
 
 def test_tables_name_registered_heads():
-    for table in (COMPILE_GRAPH_BREAKS, SCRIPT_FAILS):
-        assert set(table) <= set(HEAD_NAMES)
-    assert TRACE_SIZE_SPECIFIC <= set(HEAD_NAMES) and TRACE_MASK_SPECIFIC <= set(HEAD_NAMES)
+    assert set(GRAPH_BREAKS_BECAUSE) <= BREAKS and set(NOT_SCRIPTABLE_BECAUSE) <= NOT_SCRIPTABLE
+    assert TRACE_SIZE_SPECIFIC <= NOT_SCRIPTABLE and TRACE_MASK_SPECIFIC <= NOT_SCRIPTABLE
 
 
 # --- torch.compile --------------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def test_tables_name_registered_heads():
 def test_compile_matches_eager(name):
     head = _head(name)
     x, mask = _inputs(name)
-    fullgraph = name not in COMPILE_GRAPH_BREAKS
+    fullgraph = name not in BREAKS
     compiled = torch.compile(head, backend="aot_eager", fullgraph=fullgraph)
     with torch.no_grad():  # inference graph (no autograd); the masked path is checked in training mode below
         assert_close(compiled(x), head(x), RTOL, ATOL, f"{name} no mask")
@@ -130,14 +131,14 @@ def test_compile_matches_eager(name):
 
 @pytest.mark.parametrize("name", HEAD_NAMES)
 def test_compile_graph_break_table(name):
-    """A head outside COMPILE_GRAPH_BREAKS is one graph with a mask; a listed one still breaks (keep table honest)."""
+    """A head declaring fullgraph is one graph with a mask; one declaring it is not still breaks (keep it honest)."""
     head = _head(name)
     x, mask = _inputs(name)
     with torch.no_grad():
         explained = torch._dynamo.explain(head)(x, mask)
     reasons = [str(b.reason).splitlines()[0] for b in explained.break_reasons]
-    if name in COMPILE_GRAPH_BREAKS:
-        assert explained.graph_break_count > 0, f"{name} no longer breaks: move it out of COMPILE_GRAPH_BREAKS"
+    if name in BREAKS:
+        assert explained.graph_break_count > 0, f"{name} no longer breaks: declare capabilities.fullgraph = True"
     else:
         assert explained.graph_break_count == 0, f"{name} graph breaks: {reasons}"
 
@@ -160,7 +161,7 @@ def test_compile_inductor_cuda_matches_eager(name):
     head = _head(name).cuda().float()
     x, mask = _inputs(name)
     x, mask = x.cuda().float(), mask.cuda()
-    compiled = torch.compile(head, backend="inductor", fullgraph=name not in COMPILE_GRAPH_BREAKS)
+    compiled = torch.compile(head, backend="inductor", fullgraph=name not in BREAKS)
     _assert_same_as_eager(head, compiled, x, (None, mask), f"{name} cuda", rtol=1e-4, atol=1e-5)
 
 
@@ -194,10 +195,10 @@ def test_torchscript(name):
     try:
         scripted = _script(head)
     except Exception as error:  # noqa: BLE001 - TorchScript raises several types
-        assert name in SCRIPT_FAILS, f"{name}: torch.jit.script failed and is not in SCRIPT_FAILS: {error}"
+        assert name in NOT_SCRIPTABLE, f"{name}: torch.jit.script failed but the head declares scriptable: {error}"
         _check_trace(name, head)
     else:
-        assert name not in SCRIPT_FAILS, f"{name} scripts now: remove it from SCRIPT_FAILS"
+        assert name not in NOT_SCRIPTABLE, f"{name} scripts now: declare capabilities.scriptable = True"
         _check_scripted(name, head, scripted)
 
 
@@ -293,7 +294,7 @@ def _check_trace(name, head):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
-@pytest.mark.parametrize("name", [n for n in HEAD_NAMES if n not in SCRIPT_FAILS])
+@pytest.mark.parametrize("name", [n for n in HEAD_NAMES if n not in NOT_SCRIPTABLE])
 def test_torchscript_cuda(name):
     head = _head(name).cuda()
     x, mask = _inputs(name)

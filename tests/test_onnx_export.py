@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import aggnets
-from aggnets.export import ONNX_DYNAMIC_HW, check_onnx, export_onnx, supports_dynamic_hw
+from aggnets.export import check_onnx, export_onnx, supports_dynamic_hw
 from aggnets.functional.regions import _extra_regions
 from aggnets.heads import GeM, MAC, NetBoF, NetVLAD, RMAC, SPoC, SpatialPyramid
 
-from .helpers import input_kind, make_head, rand_map
+from .helpers import capabilities, input_kind, make_head, rand_map
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -20,15 +20,11 @@ pytest.importorskip("onnxscript")
 C, K = 4, 3
 
 
-def test_table_covers_every_head():
-    assert sorted(ONNX_DYNAMIC_HW) == aggnets.list_heads()
-
-
 @pytest.mark.parametrize("name", aggnets.list_heads())
 def test_head_export(name, tmp_path):
     torch.manual_seed(0)
     head = make_head(name, C=C, K=K, dtype=torch.float32)
-    dynamic = ONNX_DYNAMIC_HW.get(name, False)
+    dynamic = capabilities(name).dynamic_onnx
     assert supports_dynamic_hw(head) == dynamic
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -36,8 +32,9 @@ def test_head_export(name, tmp_path):
     fixed_warning = [w for w in caught if "fixed H x W" in str(w.message)]
     assert bool(fixed_warning) == (not dynamic)
 
-    def maps(*shapes):
-        return [rand_map(*s, kind=input_kind(name), dtype=torch.float32) for s in shapes]
+    def maps(*shapes):  # a head that takes the global token is exported with a second input, token (B, C)
+        xs = [rand_map(*s, kind=input_kind(name), dtype=torch.float32) for s in shapes]
+        return [(x, torch.randn(x.shape[0], C)) for x in xs] if head.uses_token else xs
 
     if dynamic:  # square, landscape and portrait H x W (and batch sizes) through one graph
         assert check_onnx(head, path, maps((2, C, 5, 6), (3, C, 7, 9), (1, C, 9, 7), (2, C, 8, 8)), atol=1e-4) <= 1e-4
@@ -57,6 +54,19 @@ def test_backbone_and_head_export(name, tmp_path):
     path = export_onnx(model, tmp_path / "model.onnx", example_size=(1, 3, 64, 64), verify=False)
     images = [torch.randn(1, 3, 64, 64), torch.randn(3, 3, 96, 80)]
     assert check_onnx(model, path, images, atol=1e-4) <= 1e-4
+
+
+def test_token_head_graph_uses_its_token_input(tmp_path):
+    """A bare head that takes the global token has a token input, and the graph really reads it."""
+    import onnx
+
+    head = aggnets.heads.ClassToken(C, patch_pool="mean")
+    path = export_onnx(head, tmp_path / "class_token.onnx", example_size=(2, C, 5, 6))  # verify=True
+    assert [i.name for i in onnx.load(path).graph.input] == ["x", "token"]
+    x, token = torch.randn(3, C, 4, 7), torch.randn(3, C)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": x.numpy(), "token": token.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(out), torch.cat([token, x.mean(dim=(2, 3))], dim=1), atol=1e-6)
 
 
 def test_export_verify_and_training_flag(tmp_path):

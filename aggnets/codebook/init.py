@@ -56,14 +56,13 @@ def init_head_from_descriptors(head: nn.Module, descriptors: Any, *, scheme: Opt
     hard (alpha = inf). NetFV / FisherVector: a diagonal GMM fitted by EM from a k-means start.
     Under ``torch.distributed`` pass each rank's own descriptors; all ranks end with the same parameters.
     """
-    from ..heads.assignment import ConvAssignmentHead
-    from ..heads.netfv import NetFV
     from .gmm import fit_gmm
     from .kmeans import fit_kmeans
 
-    if not isinstance(head, (ConvAssignmentHead, NetFV)):
-        raise TypeError(f"{type(head).__name__} has no codebook to initialise (expected NetVLAD, NetBoF, NetFV, "
-                        "VLAD, BoF or FisherVector)")
+    kind = getattr(getattr(head, "capabilities", None), "codebook", "none")
+    if kind == "none":
+        raise TypeError(f"{type(head).__name__} has no codebook to initialise (its capabilities.codebook is 'none'; "
+                        "codebook heads: NetVLAD, NetBoF, NetFV, VLAD, BoF, FisherVector)")
     descriptors = torch.as_tensor(descriptors)
     in_channels = getattr(head, "in_channels", None)
     if descriptors.dim() != 2 or descriptors.shape[1] != in_channels:
@@ -71,7 +70,7 @@ def init_head_from_descriptors(head: nn.Module, descriptors: Any, *, scheme: Opt
                          f"got {tuple(descriptors.shape)}")
     k = head.num_clusters
     iteration_kwargs = {} if iters is None else {"iters": iters}
-    if isinstance(head, NetFV):
+    if kind == "gmm":
         from .gmm import GMM_ENGINES
         start = None
         if engine not in GMM_ENGINES:  # a k-means-only engine (faiss): it gives the start, EM runs in torch
@@ -95,7 +94,8 @@ def init_head_from_descriptors(head: nn.Module, descriptors: Any, *, scheme: Opt
             chosen_alpha = float(head.default_alpha)
         else:
             chosen_alpha = float(alpha)
-    head.load_centroids(centroids.to(head.assign.weight.device, torch.float64), chosen_alpha, scheme)
+    device = next(head.parameters()).device
+    head.load_centroids(centroids.to(device, torch.float64), chosen_alpha, scheme)
     return {"engine": result.engine, "inertia": result.inertia, "n_iter": result.n_iter, "alpha": chosen_alpha,
             "scheme": scheme, "seconds": result.seconds}
 
@@ -111,6 +111,10 @@ def fit_head_codebook(head: nn.Module, backbone: nn.Module, loader: Iterable, *,
         device = param.device if param is not None else torch.device("cpu")
     descriptors = sample_descriptors(backbone, loader, per_image=per_image, max_descriptors=max_descriptors,
                                      device=device, seed=seed, progress=progress, store_device=device)
-    summary = init_head_from_descriptors(head, descriptors, seed=seed, progress=progress, **init_kwargs)
+    init = getattr(head, "init_from_descriptors", None)  # a spatial pyramid hands the fit to its wrapped head
+    if callable(init):
+        summary = init(descriptors, seed=seed, progress=progress, **init_kwargs)
+    else:
+        summary = init_head_from_descriptors(head, descriptors, seed=seed, progress=progress, **init_kwargs)
     summary["descriptors"] = len(descriptors)
     return summary

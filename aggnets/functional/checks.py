@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["check_feature_map", "is_tracing"]
+__all__ = ["check_feature_map", "check_head_input", "is_tracing"]
 
 
 def is_tracing() -> bool:
@@ -74,3 +74,34 @@ def _check_mask(mask: Tensor, x: Tensor, name: str) -> None:
             rows: List[int] = empty.nonzero().flatten().tolist()
             raise ValueError(f"{name}: mask has no valid (True) position for batch item(s) {rows}; "
                              "an image needs at least one valid position")
+
+
+def check_head_input(x: Tensor, mask: Optional[Tensor], token: Optional[Tensor], name: str, takes_mask: bool,
+                     token_use: int, fixed_h: int, fixed_w: int, size_hint: str) -> None:
+    """Check ``x`` / ``mask`` / ``token`` against what a head declares it takes (``HeadCapabilities``): a mask only
+    if ``takes_mask``; the map size ``fixed_h`` x ``fixed_w`` when non-zero (``size_hint`` says how to build the head
+    for another size); a (B, C) floating ``token`` when ``token_use`` is 2 (required), allowed when 1, refused when
+    0. ``ValueError`` / ``TypeError`` naming the argument."""
+    if mask is not None and not takes_mask:
+        raise ValueError(f"{name}: this head does not take a mask (its output depends on every position); pass "
+                         "mask=None, or use same-size batches instead of padding")
+    if fixed_h > 0 and (x.shape[2] != fixed_h or x.shape[3] != fixed_w):
+        raise ValueError(f"{name}: the head was built for {fixed_h}x{fixed_w} maps but x is "
+                         f"{x.shape[2]}x{x.shape[3]} (shape {_shape(x)}); build it for this size ({size_hint})")
+    if token is None:
+        if token_use == 2:
+            raise ValueError(f"{name}: this head needs the backbone's global token: call head(x, mask, token) with a "
+                             "(B, C) token, or use it inside aggnets.Embedder (which passes the class token of a ViT "
+                             "backbone, or the masked mean of a CNN map)")
+        return
+    if token_use == 0:
+        raise ValueError(f"{name}: this head does not take a global token; call it as head(x, mask)")
+    if not torch.jit.is_scripting():
+        _check_is_tensor(token, name, "token must be a torch.Tensor of shape (B, C)")
+    if not token.is_floating_point():
+        raise TypeError(f"{name}: token must be a floating-point tensor, got {token.dtype}")
+    if token.dim() != 2 or token.shape[0] != x.shape[0] or token.shape[1] != x.shape[1]:
+        raise ValueError(f"{name}: token must have shape (B, C) = {(x.shape[0], x.shape[1])} to match x, "
+                         f"got {_shape(token)}")
+    if token.device != x.device:
+        raise ValueError(f"{name}: token is on {token.device} but x is on {x.device}")

@@ -1,5 +1,7 @@
-"""Pooling heads: (B, C, H, W) feature map [+ (B, H, W) bool mask] -> (B, out_dim) descriptor."""
-from .base import PoolingHead
+"""Pooling heads: (B, C, H, W) feature map [+ (B, H, W) bool mask] [+ (B, C) global token] -> (B, out_dim)
+descriptor."""
+from .base import HeadCapabilities, PoolingHead
+from .class_token import ClassToken
 from .global_pool import MAC, CroW, GeM, SPoC
 from .netbof import BoF, NetBoF
 from .netfv import FisherVector, NetFV
@@ -9,6 +11,6 @@ from .pyramid import SpatialPyramid
 from .rmac import RMAC
 
 __all__ = [
-    "PoolingHead", "MAC", "SPoC", "GeM", "CroW", "RMAC", "SpatialPyramid", "NetVLAD", "VLAD", "NetBoF", "BoF",
-    "NetFV", "FisherVector", "L2Norm", "PowerNorm", "IntraNorm", "Whitening",
+    "PoolingHead", "HeadCapabilities", "MAC", "SPoC", "GeM", "CroW", "RMAC", "SpatialPyramid", "NetVLAD", "VLAD",
+    "NetBoF", "BoF", "NetFV", "FisherVector", "ClassToken", "L2Norm", "PowerNorm", "IntraNorm", "Whitening",
 ]

@@ -1,6 +1,6 @@
 """Shared machinery of the codebook heads that assign descriptors with a 1x1 convolution (NetVLAD, NetBoF)."""
 import math
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -123,6 +123,15 @@ class ConvAssignmentHead(PoolingHead):
             descriptors = AF.l2_normalize(descriptors, dim=1)
         assignment = AF.assign(descriptors, self.assign_weight, self.assign.bias, self.assignment == "hard", valid)
         return assignment.unflatten(-1, x.shape[-2:])
+
+    def internals(self) -> Dict[str, Tensor]:
+        """``alpha`` (0-d; inf for hard assignment) and ``assign_weight_norm`` ``||w_k||_2`` (K,)."""
+        return {"alpha": self.alpha, "assign_weight_norm": torch.linalg.vector_norm(self.assign_weight, dim=1)}
+
+    def internal_maps(self, x: Tensor, mask: Optional[Tensor] = None,
+                      token: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """``assignment``: :meth:`assignment_map`."""
+        return {"assignment": self.assignment_map(x, mask)}
 
     def _options(self) -> list[str]:
         return [f"num_clusters={self.num_clusters}", f"assignment={self.assignment!r}",

@@ -1,17 +1,19 @@
 """Global poolings: MAC, SPoC, GeM, CroW — one C-dimensional vector per image."""
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as AF
 from ..registry import register_head
-from .base import PoolingHead
+from .base import HeadCapabilities, PoolingHead
 
 __all__ = ["MAC", "SPoC", "GeM", "CroW"]
 
 
 class _GlobalPool(PoolingHead):
+    capabilities = HeadCapabilities(orderless=True)
+
     def __init__(self, in_channels: int, normalize: bool = False) -> None:
         super().__init__(in_channels, in_channels)
         self.normalize = normalize
@@ -54,6 +56,7 @@ class GeM(_GlobalPool):
     (``per_channel=False``, shape (1,)) or one per channel (shape (C,)). p = 1 is SPoC; p -> inf tends to MAC.
     """
 
+    capabilities = HeadCapabilities(orderless=True, internals=("p",))
     eps: float  # annotated: an int value still scripts (as a float)
 
     def __init__(self, in_channels: int, p: float = 3.0, per_channel: bool = False, learn_p: bool = True,
@@ -67,6 +70,10 @@ class GeM(_GlobalPool):
 
     def _pool(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         return AF.gem(x, self.p, self.eps, mask)
+
+    def internals(self) -> Dict[str, Tensor]:
+        """``p``: the exponent ((1,) or (C,))."""
+        return {"p": self.p}
 
     def _options(self) -> list[str]:
         p = f"p={self.p.item():.4g}" if self.p.numel() == 1 else f"p=per_channel(mean={self.p.mean().item():.4g})"
@@ -82,6 +89,7 @@ class CroW(_GlobalPool):
     positions. Defaults a = b = 2. Meant for non-negative (post-ReLU) maps.
     """
 
+    capabilities = HeadCapabilities(orderless=True, input_domain="nonnegative")
     a: float  # annotated: an int value still scripts (as a float)
     b: float
     eps: float

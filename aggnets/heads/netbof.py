@@ -6,6 +6,7 @@ from torch import Tensor
 from .. import functional as AF
 from ..registry import register_head
 from .assignment import ConvAssignmentHead
+from .base import HeadCapabilities
 
 __all__ = ["NetBoF", "BoF"]
 
@@ -18,6 +19,8 @@ class NetBoF(ConvAssignmentHead):
     ``NetBoF.from_centroids(c, alpha)`` sets ``a = softmax_k(-alpha ||x - c_k||^2)``; ``alpha=float('inf')`` is BoF.
     """
 
+    capabilities = HeadCapabilities(codebook="centroids", orderless=True, maps=("assignment",),
+                                    internals=("alpha", "assign_weight_norm"))
     default_alpha = 1.0
 
     def __init__(self, in_channels: int, num_clusters: int = 64, *, alpha: Optional[float] = None,

@@ -1,12 +1,12 @@
 """NetFV — a differentiable Fisher-vector layer on its own diagonal GMM — and, frozen, the classical Fisher vector."""
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as AF
 from ..registry import register_head
-from .base import PoolingHead, check_positive_int
+from .base import HeadCapabilities, PoolingHead, check_positive_int
 
 __all__ = ["NetFV", "FisherVector"]
 
@@ -24,6 +24,8 @@ class NetFV(PoolingHead):
     (:meth:`from_gmm`) this is exactly the improved Fisher vector (Perronnin, Sánchez & Mensink, ECCV 2010).
     """
 
+    capabilities = HeadCapabilities(codebook="gmm", orderless=True, l2_output=True, maps=("assignment",),
+                                    internals=("mixture_weights", "mean_variance"))
     frozen: bool = False
     power: Optional[float]  # annotated: an int value still scripts (as a float)
 
@@ -100,6 +102,15 @@ class NetFV(PoolingHead):
             if valid is not None:
                 posteriors = posteriors * valid
             return posteriors.unflatten(-1, x.shape[-2:])
+
+    def internals(self) -> Dict[str, Tensor]:
+        """``mixture_weights`` ``w_k`` (K,) and ``mean_variance`` ``(1/C) sum_c sigma_kc^2`` (K,)."""
+        return {"mixture_weights": self.weights, "mean_variance": self.variances.mean(dim=1)}
+
+    def internal_maps(self, x: Tensor, mask: Optional[Tensor] = None,
+                      token: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """``assignment``: the GMM posteriors (:meth:`assignment_map`)."""
+        return {"assignment": self.assignment_map(x, mask)}
 
     def pool(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         return AF.netfv(x, self.log_weights, self.means, self.log_vars, mask, self.power)

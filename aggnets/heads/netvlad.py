@@ -1,5 +1,5 @@
 """NetVLAD and, as its hard-assignment frozen mode, classical VLAD."""
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from .. import functional as AF
 from ..registry import register_head
 from .assignment import ConvAssignmentHead
+from .base import HeadCapabilities
 
 __all__ = ["NetVLAD", "VLAD"]
 
@@ -23,6 +24,8 @@ class NetVLAD(ConvAssignmentHead):
     ``alpha=float('inf')`` gives hard assignment, i.e. VLAD with intra-normalisation.
     """
 
+    capabilities = HeadCapabilities(codebook="centroids", orderless=True, l2_output=True, maps=("assignment",),
+                                    internals=("alpha", "assign_weight_norm", "centroid_norm"))
     default_alpha = 100.0
     power: Optional[float]  # annotated: an int value still scripts (as a float)
 
@@ -48,6 +51,12 @@ class NetVLAD(ConvAssignmentHead):
         return AF.netvlad(x, self.assign_weight, self.assign.bias, self.centroids, mask,
                           hard=self.assignment == "hard", normalize_input=self.normalize_input,
                           intra_norm=self.intra_norm, power=self.power)
+
+    def internals(self) -> Dict[str, Tensor]:
+        """The assignment's (``alpha``, ``assign_weight_norm``) and ``centroid_norm`` ``||c_k||_2`` (K,)."""
+        values = super().internals()
+        values["centroid_norm"] = torch.linalg.vector_norm(self.centroids, dim=1)
+        return values
 
     def _options(self) -> list[str]:
         return [*super()._options(), f"intra_norm={self.intra_norm}", f"power={self.power}"]

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import functional as AF
 from ..registry import build_head, register_head
-from .base import PoolingHead, check_positive_int
+from .base import HeadCapabilities, PoolingHead, check_positive_int
 
 __all__ = ["SpatialPyramid"]
 
@@ -24,7 +24,13 @@ class SpatialPyramid(PoolingHead):
     head as one batch, padded cells with a mask. With a mask, the grid covers each image's valid bounding box and a
     cell with no valid position encodes to zeros. Under ``torch.export`` (ONNX) the cells are laid out with tensor
     arithmetic on H, W, so the exported graph takes any H x W (without a mask).
+
+    Capabilities: like R-MAC, the masked form is not one graph and the cell layout is outside the TorchScript subset;
+    an instance inherits its wrapped head's codebook, maps and input domain, and exports at any H x W when the
+    wrapped head does and takes a mask in one graph.
     """
+
+    capabilities = HeadCapabilities(fullgraph=False, scriptable=False)
 
     def __init__(self, head: Union[nn.Module, str], levels: Sequence[int] = (1, 2, 4), *,
                  in_channels: Optional[int] = None, head_kwargs: Optional[dict[str, Any]] = None) -> None:
@@ -41,9 +47,16 @@ class SpatialPyramid(PoolingHead):
         levels = tuple(check_positive_int("SpatialPyramid", "levels", level) for level in levels)
         if not levels:
             raise ValueError("SpatialPyramid: levels must not be empty")
+        if head.uses_token or head.map_size is not None or not head.capabilities.mask:
+            raise ValueError(f"SpatialPyramid: the wrapped {type(head).__name__} must take a mask and any map size "
+                             "and no global token (it encodes cells of varying size)")
         super().__init__(head.in_channels, head.out_dim * sum(level * level for level in levels))
         self.head = head
         self.levels = levels
+        inner = head.capabilities
+        self.capabilities = type(self).capabilities.replace(
+            codebook=inner.codebook, maps=inner.maps, input_domain=inner.input_domain,
+            dynamic_onnx=inner.dynamic_onnx and inner.fullgraph)
 
     def _encode(self, x: Tensor, mask: Optional[Tensor], dynamic: Optional[bool] = None) -> Tensor:
         """Encode every level; ``dynamic`` as in :func:`aggnets.functional.pyramid_cells` (default: when exporting
@@ -82,6 +95,11 @@ class SpatialPyramid(PoolingHead):
             raise TypeError(f"SpatialPyramid: the wrapped {type(self.head).__name__} has no assignment_map")
         AF.check_feature_map(x, mask, self.in_channels, type(self).__name__)
         return self.head.assignment_map(x, mask)
+
+    def internal_maps(self, x: Tensor, mask: Optional[Tensor] = None,
+                      token: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """The wrapped head's maps of the whole map (one codebook is shared by all cells)."""
+        return self.head.internal_maps(x, mask) if self.head.capabilities.maps else {}
 
     def _options(self) -> list[str]:
         return [f"levels={self.levels}"]

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import functional as AF
 from ..registry import register_head
-from .base import PoolingHead, check_positive_int
+from .base import HeadCapabilities, PoolingHead, check_positive_int
 
 __all__ = ["RMAC"]
 
@@ -26,7 +26,13 @@ class RMAC(PoolingHead):
     Under ``torch.export`` (ONNX) the grid is computed with tensors from H, W
     (:func:`aggnets.functional.regions.rmac_region_vectors_dynamic`), so the exported graph takes any H x W (without
     a mask).
+
+    Capabilities: the masked form crops each image to its valid box (data-dependent sizes): not one graph under
+    ``torch.compile``, no mask at export; the region code is outside the TorchScript subset (use ``torch.jit.trace``
+    at a fixed size, or ``torch.compile``).
     """
+
+    capabilities = HeadCapabilities(fullgraph=False, scriptable=False, l2_output=True)
 
     def __init__(self, in_channels: int, levels: int = 3, overlap: float = 0.4, include_global: bool = False,
                  pool: str = "max", p: float = 3.0, learn_p: bool = True, eps: float = 1e-6) -> None:
