@@ -12,6 +12,7 @@ from typing import Callable, Optional, Union
 
 from torch import Tensor, nn
 
+from .backbones.output import BackboneOutput
 from .functional.norm import l2_normalize
 
 __all__ = ["Embedder", "Classifier"]
@@ -35,6 +36,12 @@ class Embedder(nn.Module):
     adds a linear layer (a learned projection / dimensionality reduction), ``whitening`` a fitted
     :class:`aggnets.heads.Whitening` (PCA or learned Lw, :mod:`aggnets.retrieval`); ``normalize`` L2-normalises the output
     (retrieval); a classifier usually keeps it off.
+
+    A head that declares it uses the backbone's global token (``head.capabilities.global_token``) gets the class
+    token of a vision transformer; on a backbone without one (a CNN) an ``"optional"`` head uses the masked mean of
+    the map in its place (:class:`aggnets.heads.PoolingHead`) and a ``"required"`` one is refused at construction.
+    Everything after the backbone is one method, :meth:`describe`, used by :meth:`forward`, the descriptor
+    extraction and export alike.
     """
 
     def __init__(self, backbone: nn.Module, head: HeadSpec, *, projection_dim: Optional[int] = None,
@@ -51,6 +58,13 @@ class Embedder(nn.Module):
             raise TypeError(f"Embedder: the head ({type(head).__name__}) must expose an int `out_dim`")
         if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim <= 0):
             raise ValueError(f"Embedder: projection_dim must be a positive int or None, got {projection_dim!r}")
+        self.head_uses_token = bool(getattr(head, "uses_token", False))
+        capabilities = getattr(head, "capabilities", None)
+        if (getattr(capabilities, "global_token", "none") == "required"
+                and not getattr(backbone, "has_token", False)):
+            raise ValueError(f"Embedder: the {type(head).__name__} head requires the backbone's global token, but the "
+                             f"backbone ({getattr(backbone, 'name', type(backbone).__name__)}) has none; use a vision "
+                             "transformer backbone")
         self.backbone = backbone
         self.head = head
         self.projection = nn.Linear(head.out_dim, projection_dim) if projection_dim else None
@@ -77,18 +91,34 @@ class Embedder(nn.Module):
                                  f"has {before}")
         self.whitening = whitening
 
+    def backbone_output(self, images: Tensor, sizes: Optional[Tensor] = None) -> BackboneOutput:
+        """The backbone's map, global token (None for a CNN) and, for a padded batch given with each image's
+        ``sizes`` (B, 2) (backbones with ``padded_batches``), the mask of each image's positions."""
+        extract = getattr(self.backbone, "extract", None)
+        if extract is None:  # a plain module returning the map
+            if sizes is not None:
+                raise ValueError("Embedder: this backbone does not take image sizes")
+            return BackboneOutput(self.backbone(images))
+        return extract(images) if sizes is None else extract(images, sizes)
+
     def features(self, images: Tensor) -> Tensor:
         """The backbone's (B, C, H, W) feature map (the head's input)."""
-        return self.backbone(images)
+        return self.backbone_output(images).map
 
-    def forward(self, images: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """(B, 3, H, W) images [+ (B, h, w) feature-map mask] -> (B, out_dim) descriptors."""
-        descriptor = self.head(self.features(images), mask)
+    def describe(self, x: Tensor, mask: Optional[Tensor] = None, token: Optional[Tensor] = None) -> Tensor:
+        """Everything after the backbone: head (with the global token when it uses one) -> projection ->
+        whitening -> L2. ``x`` (B, C, H, W) map, ``mask`` (B, H, W), ``token`` (B, C) or None."""
+        descriptor = self.head(x, mask, token) if self.head_uses_token else self.head(x, mask)
         if self.projection is not None:
             descriptor = self.projection(descriptor)
         if self.whitening is not None:
             descriptor = self.whitening(descriptor)
         return l2_normalize(descriptor, dim=1) if self.normalize else descriptor
+
+    def forward(self, images: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """(B, 3, H, W) images [+ (B, h, w) feature-map mask] -> (B, out_dim) descriptors."""
+        out = self.backbone_output(images)
+        return self.describe(out.map, mask, out.token)
 
 
 class Classifier(nn.Module):

@@ -353,3 +353,39 @@ def test_bad_inputs(tmp_path):
         extract_descriptors(nn.Linear(3, 3), [image], progress=False)
     with pytest.raises(ValueError, match="max_size"):
         load_image(path, max_size=0)
+
+
+def _random_whitening(in_features, out_features):
+    from aggnets.heads import Whitening
+    gen = torch.Generator().manual_seed(5)
+    return Whitening.from_mean_projection(torch.randn(in_features, generator=gen),
+                                          torch.randn(out_features, in_features, generator=gen))
+
+
+@pytest.mark.parametrize("shape", ["head", "projection", "whitening", "projection+whitening", "token_head"])
+def test_extracted_descriptors_equal_the_model_image_by_image(resnet_layer2, shape):
+    """One path after the backbone: extraction gives ``model(image)`` for every model shape (a whitening trained
+    with the model used to be dropped: 8-d descriptors from an Embedder whose out_dim was 4)."""
+    from aggnets.heads import ClassToken
+    torch.manual_seed(0)
+    head = (lambda in_channels: ClassToken(in_channels, patch_pool="mean")) if shape == "token_head" else GeM
+    model = Embedder(resnet_layer2, head, projection_dim=64 if "projection" in shape else None)
+    if "whitening" in shape:
+        before = 64 if "projection" in shape else model.head.out_dim
+        model.set_whitening(_random_whitening(before, 16))
+    images = _images()
+    with torch.no_grad():
+        alone = torch.cat([model(image[None]) for image in images])
+    batched = extract_descriptors(model, images, batch_size=4, progress=False)
+    assert batched.shape == (len(images), model.out_dim)
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_the_whitening_bug_reproduction():
+    """The issue's reproduction: Embedder(backbone, GeM(8), whitening=Whitening(8, 4)) -> 4-d descriptors."""
+    from aggnets.heads import Whitening
+    backbone = FeatureExtractor(nn.Conv2d(3, 8, 3, stride=2), name="conv", layer="0", out_channels=8, stride=2,
+                                mean=MEAN, std=STD)
+    model = Embedder(backbone, GeM(8), whitening=Whitening(8, 4))
+    assert model.out_dim == 4
+    assert extract_descriptors(model, _images()[:2], progress=False).shape == (2, 4)

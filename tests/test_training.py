@@ -238,3 +238,21 @@ def test_full_disk_fails_at_start_not_at_the_first_checkpoint(tmp_path, monkeypa
     with pytest.raises(ConfigError, match=r"^paths\.output_dir: only 10 MiB free .* need about \d+ MiB"):
         train(compose_train(*SMALL, f"paths.output_dir={tmp_path}"))
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.yaml").exists()
+
+
+VIT_SMALL = ["backbone=dinov2_vits14", "backbone.weights=null", "backbone.model_kwargs={embed_dim: 48, depth: 2, "
+             "num_heads: 2}", "backbone.layer=-1", "backbone.freeze=blocks.0"]
+
+
+@pytest.mark.parametrize("head", ["netvlad", "class_token"])
+def test_a_dinov2_backbone_trains_with_a_head(tmp_path, head):
+    """A DINOv2 ViT (random, tiny) with its last block trained: the codebook fitted on its patch tokens, the class
+    token passed to the head that uses it, the assignment maps drawn over the patch grid."""
+    overrides = [*SMALL, *VIT_SMALL, f"head={head}", f"paths.output_dir={tmp_path}", "trainer.limit_train_batches=3"]
+    if head == "netvlad":
+        overrides.append("head.num_clusters=8")
+    metric = train(compose_train(*overrides))
+    assert metric is not None and 0.0 <= metric <= 1.0
+    tags = tensorboard_tags(tmp_path)
+    assert "test/acc" in tags["scalars"]
+    assert ("head/assignment_map" in tags["images"]) == (head == "netvlad")

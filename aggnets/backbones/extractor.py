@@ -6,10 +6,22 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureExtractor", "FreezeSpec"]
+from .output import BackboneOutput
+
+__all__ = ["FeatureExtractor", "FreezeSpec", "check_images"]
 
 FreezeSpec = Union[bool, str, Sequence[str], None]
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def check_images(images: object, name: str, channels: int) -> None:
+    """``TypeError`` / ``ValueError`` unless ``images`` is a floating (B, channels, H, W) tensor."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{name}: images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != channels:
+        raise ValueError(f"{name}: images must have shape (B, {channels}, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"{name}: images must be floating point (scaled to [0, 1]), got {images.dtype}")
 
 
 class FeatureExtractor(nn.Module):
@@ -23,7 +35,13 @@ class FeatureExtractor(nn.Module):
     ``freeze``: True freezes everything; a module name freezes every module up to and including it (in execution
     order); a list of names freezes those modules. Frozen parameters get ``requires_grad=False`` and frozen
     normalisation layers stay in eval mode under ``.train()`` (their running statistics do not move).
+
+    A CNN has no global token (``has_token`` False) and cannot re-mask a padded batch by itself
+    (``padded_batches`` False: :func:`aggnets.retrieval.extract_descriptors` re-masks it with hooks instead).
     """
+
+    has_token = False
+    padded_batches = False
 
     def __init__(self, body: nn.Module, *, name: str, layer: str, out_channels: int, stride: int,
                  mean: Sequence[float], std: Sequence[float], normalize_input: bool = True,
@@ -46,17 +64,20 @@ class FeatureExtractor(nn.Module):
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def forward(self, images: Tensor) -> Tensor:
-        if not isinstance(images, Tensor):
-            raise TypeError(f"{self.name}: images must be a torch.Tensor, got {type(images).__name__}")
-        if images.dim() != 4 or images.shape[1] != self.mean.shape[1]:
-            raise ValueError(f"{self.name}: images must have shape (B, {self.mean.shape[1]}, H, W), "
-                             f"got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise TypeError(f"{self.name}: images must be floating point (scaled to [0, 1]), got {images.dtype}")
+        """(B, 3, H, W) images -> (B, out_channels, H', W') feature map."""
+        check_images(images, self.name, self.mean.shape[1])
         if self.normalize_input:
             images = self.normalize(images)
         out = self.body(images)
         return out[self._output_key] if self._output_key is not None else out
+
+    def extract(self, images: Tensor, sizes: Optional[Tensor] = None) -> BackboneOutput:
+        """The feature map as a :class:`BackboneOutput` (no token, no mask). ``sizes`` is not supported (a CNN
+        cannot re-mask a padded batch by itself)."""
+        if sizes is not None:
+            raise ValueError(f"{self.name}: a CNN backbone does not take image sizes (padded_batches is False); "
+                             "aggnets.retrieval.extract_descriptors batches padded images for it")
+        return BackboneOutput(self(images))
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The feature-map size for an input of ``height`` x ``width`` (measured by a forward on the meta device

@@ -1,4 +1,5 @@
-"""Build a :class:`FeatureExtractor` from a torchvision or timm model name, a layer name and a weights spec."""
+"""Build a backbone (:class:`FeatureExtractor` for CNNs, :class:`ViTExtractor` for vision transformers) from a
+torchvision or timm model name, a layer and a weights spec."""
 from __future__ import annotations
 
 import difflib
@@ -59,31 +60,64 @@ def list_layers(model: nn.Module) -> list[str]:
 
 
 def build_backbone(name: str, layer: Union[str, int, None] = None, *, weights: WeightsSpec = None,
-                   freeze: FreezeSpec = False, normalize_input: bool = True,
-                   strict: bool = True) -> FeatureExtractor:
-    """A CNN truncated after ``layer``, returning its (B, C, H, W) map.
+                   freeze: FreezeSpec = False, normalize_input: bool = True, strict: bool = True,
+                   norm: Optional[bool] = None, facet: str = "token", uneven: str = "crop",
+                   pos_interpolation: str = "auto", model_kwargs: Optional[dict] = None) -> nn.Module:
+    """A CNN or vision transformer truncated after ``layer``, returning its (B, C, H, W) map.
 
-    ``name``: an offline backbone (``"efficientnet_lite0"``, weights from a pip package), a torchvision model
-    (``"resnet50"``, ``"vgg16"``, ``"mobilenet_v3_large"``, ``"convnext_tiny"``…) or a timm model; prefix with
+    ``name``: an offline backbone (``"efficientnet_lite0"``, ``"mobilenet_v2"``, weights from pip packages), a
+    torchvision model (``"resnet50"``, ``"vgg16"``, ``"convnext_tiny"``…) or a timm model (``"timm:efficientnet_b0"``,
+    ``"timm:vit_base_patch14_dinov2"``, ``"timm:vit_base_patch14_reg4_dinov2"``, ``"timm:vit_base_patch16_224"``,
+    ``"timm:deit_small_patch16_224"``, ``"timm:eva02_base_patch14_224.mim_in22k"``…); prefix with
     ``"torchvision:"`` or ``"timm:"`` to choose when both libraries have the name (torchvision wins otherwise).
-    ``layer``: a module name (``"layer3"``, ``"features.29"``, ``"blocks.4"``) or an int index into the model's
-    feature stages (timm ``feature_info`` / ``out_indices`` order; negative counts from the end); None = last stage.
+
+    CNNs (:class:`FeatureExtractor`): ``layer`` is a module name (``"layer3"``, ``"features.29"``, ``"blocks.4"``)
+    or an int index into the model's feature stages (timm ``feature_info`` order; negative counts from the end);
+    None = last stage.
+
+    Vision transformers (:class:`ViTExtractor`: the patch tokens as a (B, C, H / p, W / p) map and the class token;
+    any image size, position embeddings interpolated): ``layer`` is a block (``"blocks.7"``, 7, -1; None = last);
+    ``facet`` ``"token"`` | ``"query"`` | ``"key"`` | ``"value"``; ``norm`` (final LayerNorm; default True for
+    tokens); ``uneven`` ``"crop"`` | ``"pad"`` | ``"error"`` for sizes that are not a multiple of the patch size;
+    ``pos_interpolation`` ``"auto"`` (the authors' DINOv2 rule for the DINOv2 models without registers, timm's
+    otherwise), ``"timm"`` or ``"dinov2"``. ``freeze="blocks.7"`` freezes the embedding and blocks 0..7 and runs them
+    without autograd.
+
     ``weights``: None (random init), ``"DEFAULT"`` or a library weights name (torchvision enum name such as
-    ``"IMAGENET1K_V2"``, timm pretrained tag such as ``"in1k"``) — downloaded by the library where there is
-    internet —, or a path to a local checkpoint (a state dict of the full model, loaded with
-    ``weights_only=True``).
+    ``"IMAGENET1K_V2"``, timm pretrained tag such as ``"in1k"`` / ``"lvd142m"``) — downloaded by the library where
+    there is internet —, or a path to a local checkpoint (a state dict of the full model, loaded with
+    ``weights_only=True``; the authors' DINOv2 checkpoints, e.g. ``dinov2_vitb14_pretrain.pth``, are converted to
+    timm's layout). ``model_kwargs`` go to the model constructor (e.g. ``{"depth": 4}`` for a small test model).
     """
+    from .vit import ViTExtractor, is_vision_transformer
+
     source, model_name = _resolve_source(name)
     local_file = _as_local_file(weights)
     hub_weights = None if local_file is not None else weights
+    kwargs = dict(model_kwargs or {})
     if source == "offline":
+        if kwargs:
+            raise ValueError(f"{name}: model_kwargs do not apply to an offline backbone")
         model, mean, std = _OFFLINE[model_name](hub_weights)
     elif source == "torchvision":
-        model, mean, std = _torchvision_model(model_name, hub_weights)
+        model, mean, std = _torchvision_model(model_name, hub_weights, kwargs)
     else:
-        model, mean, std = _timm_model(model_name, hub_weights)
+        model, mean, std = _timm_model(model_name, hub_weights, kwargs)
+    vit = source == "timm" and is_vision_transformer(model)
     if local_file is not None:
         load_weights_file(model, local_file, strict=strict)
+    if vit:
+        if pos_interpolation == "auto":
+            from .dinov2 import default_pos_interpolation
+            pos_interpolation = default_pos_interpolation(model_name)
+        return ViTExtractor(model, name=name, block=_vit_block(model, layer, name), mean=mean, std=std, facet=facet,
+                            norm=norm, uneven=uneven, pos_interpolation=pos_interpolation,
+                            normalize_input=normalize_input, freeze=freeze)
+    vit_only = {"norm": (norm, None), "facet": (facet, "token"), "uneven": (uneven, "crop"),
+                "pos_interpolation": (pos_interpolation, "auto")}
+    for option, (value, default) in vit_only.items():
+        if value != default:
+            raise ValueError(f"{name}: {option}={value!r} applies to vision transformers only ({name} is a CNN)")
     layer_name = _resolve_layer(model, layer, name)
     body = _truncate(model, layer_name, source)
     extractor = FeatureExtractor(body, name=name, layer=layer_name, out_channels=1, stride=1, mean=mean, std=std,
@@ -131,10 +165,10 @@ def _is_none(weights: WeightsSpec) -> bool:
     return weights is None or weights is False or (isinstance(weights, str) and weights.lower() in ("none", ""))
 
 
-def _torchvision_model(name: str, weights: WeightsSpec) -> tuple[nn.Module, tuple, tuple]:
+def _torchvision_model(name: str, weights: WeightsSpec, kwargs: dict) -> tuple[nn.Module, tuple, tuple]:
     import torchvision
     if _is_none(weights):
-        return torchvision.models.get_model(name, weights=None), IMAGENET_MEAN, IMAGENET_STD
+        return torchvision.models.get_model(name, weights=None, **kwargs), IMAGENET_MEAN, IMAGENET_STD
     enum = torchvision.models.get_model_weights(name)
     key = "DEFAULT" if weights is True else str(weights).split(".")[-1]
     try:
@@ -145,24 +179,31 @@ def _torchvision_model(name: str, weights: WeightsSpec) -> tuple[nn.Module, tupl
     transforms = resolved.transforms()
     mean = tuple(getattr(transforms, "mean", IMAGENET_MEAN))
     std = tuple(getattr(transforms, "std", IMAGENET_STD))
-    return torchvision.models.get_model(name, weights=resolved), mean, std
+    return torchvision.models.get_model(name, weights=resolved, **kwargs), mean, std
 
 
-def _timm_model(name: str, weights: WeightsSpec) -> tuple[nn.Module, tuple, tuple]:
+def _timm_model(name: str, weights: WeightsSpec, kwargs: dict) -> tuple[nn.Module, tuple, tuple]:
     import timm
     if _is_none(weights):
-        model = timm.create_model(name, pretrained=False)
+        full_name, pretrained = name, False
     elif weights is True or str(weights).upper() == "DEFAULT":
-        model = timm.create_model(name, pretrained=True)
+        full_name, pretrained = name, True
     else:
-        model = timm.create_model(f"{name}.{weights}", pretrained=True)
+        full_name, pretrained = f"{name}.{weights}", True
+    try:  # transformers take any image size (position embeddings interpolated); CNNs refuse the argument
+        model = timm.create_model(full_name, pretrained=pretrained, **{"dynamic_img_size": True, **kwargs})
+    except TypeError as error:
+        if "dynamic_img_size" not in str(error):
+            raise
+        model = timm.create_model(full_name, pretrained=pretrained, **kwargs)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return model, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
 def load_weights_file(model: nn.Module, path: str, strict: bool = True) -> None:
     """Load a local checkpoint into ``model`` without unpickling code (``weights_only=True``; ``.safetensors`` via
-    safetensors). Accepts a bare state dict or one nested under ``state_dict`` / ``model``; strips ``module.``."""
+    safetensors). Accepts a bare state dict or one nested under ``state_dict`` / ``model``; strips ``module.``; the
+    authors' DINOv2 layout is converted to timm's (:func:`aggnets.backbones.dinov2.convert_dinov2_state_dict`)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         state = load_file(path)
@@ -174,6 +215,9 @@ def load_weights_file(model: nn.Module, path: str, strict: bool = True) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    from .dinov2 import convert_dinov2_state_dict, is_dinov2_layout
+    if is_dinov2_layout(state) and hasattr(model, "pos_embed"):
+        state = convert_dinov2_state_dict(state, model, source=path)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches raise even with strict=False
@@ -185,6 +229,23 @@ def load_weights_file(model: nn.Module, path: str, strict: bool = True) -> None:
 
 
 # ---- layer selection ------------------------------------------------------------------------------------------
+def _vit_block(model: nn.Module, layer: Union[str, int, None], name: str) -> int:
+    """A transformer block index from ``None`` (last), an int, ``"7"`` or ``"blocks.7"``."""
+    depth = len(model.blocks)
+    if layer is None:
+        return depth - 1
+    text = str(layer).removeprefix("blocks.") if not isinstance(layer, int) or isinstance(layer, bool) else layer
+    try:
+        index = int(text)
+    except (TypeError, ValueError):
+        index = None
+    if index is None or isinstance(layer, bool) or not -depth <= index < depth:
+        raise ValueError(f"{name}: layer must be a block of this vision transformer: 'blocks.0' .. "
+                         f"'blocks.{depth - 1}' or an index in [-{depth}, {depth - 1}], got {layer!r}")
+    return index % depth
+
+
+
 def _stage_names(model: nn.Module) -> list[str]:
     info = getattr(model, "feature_info", None)
     if isinstance(info, list) and info and isinstance(info[0], dict):

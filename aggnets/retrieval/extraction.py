@@ -38,6 +38,12 @@ run time a layer they cannot follow): only images of identical size share a batc
 network, but fewer images per batch on collections of many sizes. ``"padded"`` is the plain approach (pad with
 the normalisation mean, mask only the final map): fastest, approximate near each image's bottom/right border.
 
+**Vision transformers** mask a padded batch by themselves (``backbone.padded_batches``, timm's plain
+``VisionTransformer``: ViT, DeiT, DINOv2): ``backbone.extract(canvas, sizes)`` interpolates each image's position
+embeddings to its own patch grid and masks the other images' padding out of every attention (a key mask), so the
+class token and the patch tokens of each image are those of the image alone; ``"auto"`` and ``"masked"`` use it.
+Transformers served through timm's ``forward_intermediates`` (EVA, distilled DeiT) fall back to ``"same_size"``.
+
 **Which feature positions belong to an image** (:func:`feature_mask`). With top-left placement, the valid block
 is the lone image's feature size; :func:`extract_descriptors` takes it from the layer formulas (``"masked"``) or
 from a forward on a thin zero image per distinct height / width (``"padded"``), never from a rounding guess.
@@ -280,8 +286,17 @@ def _feature_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     return [(name, module) for name, module in part.named_modules() if id(module) not in skipped]
 
 
+def _masks_itself(model: nn.Module) -> bool:
+    """Whether the backbone computes padded batches exactly by itself (``padded_batches``: ``extract(images, sizes)``,
+    e.g. a vision transformer with per-image position embeddings and an attention key mask)."""
+    return bool(getattr(_feature_part(model), "padded_batches", False))
+
+
 def masking_problem(model: nn.Module) -> Optional[str]:
-    """Why per-layer re-masking cannot make batched extraction exact for ``model``'s backbone (None: it can)."""
+    """Why batched extraction cannot be exact for ``model``'s backbone, by itself (``padded_batches``) or by
+    per-layer re-masking (None: it can)."""
+    if _masks_itself(model):
+        return None
     for name, module in _feature_modules(model):
         label = f"{name or '<root>'} ({type(module).__name__})"
         if _DYNAMIC_PADDING.search(type(module).__name__):
@@ -488,16 +503,13 @@ def _input_mean(model: nn.Module) -> Union[float, Tensor]:
     return 0.0
 
 
-def _describe(model: nn.Module, features: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """head -> optional projection (the Embedder's path after the backbone), in float32 or wider."""
+def _describe(model: nn.Module, features: Tensor, mask: Optional[Tensor], token: Optional[Tensor] = None) -> Tensor:
+    """The model's own path after the backbone (:meth:`aggnets.Embedder.describe`: head, projection, whitening, L2)
+    on ``features`` with masked positions zeroed."""
     if mask is not None:
         features = torch.where(mask.unsqueeze(1), features, torch.zeros((), dtype=features.dtype,
                                                                          device=features.device))
-    descriptor = model.head(features, mask)
-    projection = getattr(model, "projection", None)
-    if projection is not None:
-        descriptor = projection(descriptor)
-    return descriptor
+    return model.describe(features, mask, token)
 
 
 def _combine(per_scale: list[Tensor], how: str, p: float) -> Tensor:
@@ -530,8 +542,9 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
                         batching: str = "auto", upscale: bool = True, num_workers: int = 0) -> Tensor:
     """(N, D) L2-normalised global descriptors of N images, in input order.
 
-    ``model``: an :class:`aggnets.Embedder`-like module with ``features(images)`` (the backbone, [0, 1] RGB input)
-    and ``head(x, mask)`` (a pooling head), optionally ``projection``; descriptors are ``L2(projection(head(...)))``.
+    ``model``: an :class:`aggnets.Embedder` (or a module with its ``features``, ``backbone_output`` and
+    ``describe``): descriptors are the model's own ``describe`` (head with the global token when it uses one,
+    projection, whitening, L2) of each image's map, i.e. equal to ``model(image)`` image by image.
     ``images_or_paths``: image files (loaded by :func:`load_image` with ``max_size`` / ``upscale``), (3, h, w)
     tensors in [0, 1] (used at their own size), or a (N, 3, H, W) tensor. ``bboxes``: one (x1, y1, x2, y2) or None
     per image, in the file's (or tensor's) pixel coordinates, cropped before resizing.
@@ -547,9 +560,9 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
     """
     if batching not in BATCHING_MODES:
         raise ValueError(f"extract_descriptors: batching must be one of {BATCHING_MODES}, got {batching!r}")
-    if not (callable(getattr(model, "features", None)) and isinstance(getattr(model, "head", None), nn.Module)):
-        raise TypeError(f"extract_descriptors: model must expose features(images) and a head module "
-                        f"(aggnets.Embedder does); got {type(model).__name__}")
+    if not all(callable(getattr(model, name, None)) for name in ("features", "backbone_output", "describe")):
+        raise TypeError(f"extract_descriptors: model must expose features(images), backbone_output(images, sizes) "
+                        f"and describe(x, mask, token) (aggnets.Embedder does); got {type(model).__name__}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
         raise ValueError(f"extract_descriptors: batch_size must be a positive int, got {batch_size!r}")
     _check_max_size(max_size)
@@ -637,21 +650,28 @@ def _extract_batch(model: nn.Module, images: list[Tensor], mode: str, masking: _
     """Descriptors (B, D) of one batch; None when ``mode="auto"`` and the per-layer hooks cannot follow the net."""
     sizes = [tuple(image.shape[-2:]) for image in images]
     if len(set(sizes)) == 1:
-        return _describe(model, model.features(torch.stack(images)), None)
+        out = model.backbone_output(torch.stack(images))
+        return _describe(model, out.map, None, out.token)
     if mode == "same_size":  # a batch that mixes sizes after a fallback: one forward per size
         groups: dict[tuple, list[int]] = {}
         for row, size in enumerate(sizes):
             groups.setdefault(size, []).append(row)
-        out: list[Optional[Tensor]] = [None] * len(images)
+        rows_out: list[Optional[Tensor]] = [None] * len(images)
         for rows in groups.values():
-            descriptors = _describe(model, model.features(torch.stack([images[r] for r in rows])), None)
-            for row, descriptor in zip(rows, descriptors):
-                out[row] = descriptor
-        return torch.stack(out)  # type: ignore[arg-type]
+            out = model.backbone_output(torch.stack([images[r] for r in rows]))
+            for row, descriptor in zip(rows, _describe(model, out.map, None, out.token)):
+                rows_out[row] = descriptor
+        return torch.stack(rows_out)  # type: ignore[arg-type]
     value = pad_value.to(images[0]) if isinstance(pad_value, Tensor) else pad_value
     batch, image_mask = pad_batch(images, value=value)
+    token = None
+    if mode != "padded" and _masks_itself(model):  # the backbone masks the padding itself (e.g. a ViT)
+        out = model.backbone_output(batch, torch.tensor(sizes))
+        mask = out.mask
+        return _describe(model, out.map, None if mask is None or bool(mask.all()) else mask, out.token)
     if mode == "padded":
-        features = model.features(batch)
+        out = model.backbone_output(batch)
+        features, token = out.map, out.token
         feature_sizes = torch.tensor([probe(*size) for size in sizes])
     else:
         try:
@@ -663,7 +683,7 @@ def _extract_batch(model: nn.Module, images: list[Tensor], mode: str, masking: _
             raise ValueError(f"extract_descriptors: batching='masked' cannot follow this backbone: {error}; use "
                              "batching='same_size' (exact) or 'padded' (approximate)") from None
     mask = feature_mask(image_mask, tuple(features.shape[-2:]), sizes=feature_sizes.to(features.device))
-    return _describe(model, features, None if bool(mask.all()) else mask)
+    return _describe(model, features, None if bool(mask.all()) else mask, token)
 
 
 # ---- descriptor files ------------------------------------------------------------------------------------------
