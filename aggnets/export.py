@@ -48,10 +48,12 @@ def _head(model: nn.Module) -> nn.Module:
 
 def supports_dynamic_hw(model: nn.Module) -> bool:
     """Whether the ONNX graph of ``model`` (an Embedder or a head) is right at every H x W: its head's
-    ``capabilities.dynamic_onnx`` (an Embedder's backbone takes any size)."""
+    ``capabilities.dynamic_onnx`` and, for an Embedder, its backbone's ``dynamic_onnx`` (CNNs: yes; a ViT with
+    timm's position interpolation: yes; with the DINOv2 scale-factor rule: no, the exporter bakes the scales)."""
     head = _head(model)
     capabilities = getattr(head, "capabilities", None)
-    return bool(getattr(capabilities, "dynamic_onnx", False))
+    backbone_ok = not isinstance(model, Embedder) or bool(getattr(model.backbone, "dynamic_onnx", True))
+    return bool(getattr(capabilities, "dynamic_onnx", False)) and backbone_ok
 
 
 def _takes_token(model: nn.Module) -> bool:
@@ -106,7 +108,8 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *,
         raise ValueError(f"export_onnx: example_size must be (B, C, H, W), got {example_size}")
     hw = bool(dynamic_hw) and supports_dynamic_hw(model)
     if dynamic_hw and not hw:
-        warnings.warn(f"export_onnx: the {type(_head(model)).__name__} head does not declare dynamic_onnx; "
+        warnings.warn(f"export_onnx: the {type(_head(model)).__name__} head (or the backbone) does not declare "
+                      "dynamic_onnx; "
                       f"exporting with a fixed H x W = {example_size[2]} x {example_size[3]} (dynamic batch only)",
                       stacklevel=2)
     reference = _parameter(model)

@@ -158,3 +158,27 @@ def test_head_on_cuda_exports_and_matches(name, tmp_path):
     path = export_onnx(head, tmp_path / f"{name}.onnx", example_size=(2, C, 5, 6), verify=False)
     inputs = [rand_map(*s, kind=input_kind(name), dtype=torch.float32).cuda() for s in ((2, C, 5, 6), (1, C, 9, 7))]
     assert check_onnx(head, path, inputs, atol=1e-4) <= 1e-4
+
+
+@pytest.mark.parametrize("model_name,dynamic", [("timm:vit_small_patch14_reg4_dinov2", True),
+                                                ("timm:vit_small_patch14_dinov2", False)])
+def test_vit_embedder_export(model_name, dynamic, tmp_path):
+    """A DINOv2 backbone with its class token exports; with timm's position interpolation (the register models) one
+    graph takes any size; the authors' scale-factor rule (plain DINOv2) is baked by the exporter at the traced size,
+    so it is exported at a fixed size (declared by the backbone: ``dynamic_onnx``) and another size is refused."""
+    torch.manual_seed(0)
+    backbone = aggnets.backbones.build_backbone(model_name, weights=None,
+                                                model_kwargs={"embed_dim": 48, "depth": 2, "num_heads": 2})
+    model = aggnets.Embedder(backbone, aggnets.heads.ClassToken(48, patch_pool="mean")).eval()
+    assert supports_dynamic_hw(model) == dynamic
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_onnx(model, tmp_path / "vit.onnx", example_size=(1, 3, 70, 84), verify=False)
+    assert any("fixed H x W" in str(w.message) for w in caught) == (not dynamic)
+    if dynamic:  # another grid, and uneven sizes (cropped to the patch grid) through one graph
+        images = [torch.rand(1, 3, 70, 84), torch.rand(3, 3, 98, 56), torch.rand(2, 3, 75, 90)]
+    else:
+        images = [torch.rand(1, 3, 70, 84), torch.rand(2, 3, 70, 84)]
+        with pytest.raises(Exception, match="(?i)invalid|dimension"):
+            check_onnx(model, path, [torch.rand(1, 3, 98, 56)])
+    assert check_onnx(model, path, images, atol=1e-4) <= 1e-4

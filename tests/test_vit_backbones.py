@@ -275,3 +275,16 @@ def test_class_token_head_gets_the_class_token_and_a_cnn_its_mean():
     for b in range(2):  # the masked mean of the valid positions stands in for the class token
         mean = feature_map[b][:, mask[b]].mean(dim=1)
         torch.testing.assert_close(out[b], torch.cat([mean, mean]))
+
+
+def test_compiled_vit_embedder_matches_eager_at_several_sizes():
+    """torch.compile (dynamo + AOTAutograd) of a ViT embedder with its class token, recompiling for new grids,
+    equals eager (inference)."""
+    backbone = build_backbone("timm:vit_small_patch14_reg4_dinov2", weights=None, model_kwargs=TINY).eval()
+    model = aggnets.Embedder(backbone, ClassToken(DIM, patch_pool="mean")).eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        for size in ((2, 3, 70, 84), (1, 3, 98, 56), (3, 3, 75, 90)):
+            images = torch.rand(*size)
+            torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

@@ -42,6 +42,7 @@ class FeatureExtractor(nn.Module):
 
     has_token = False
     padded_batches = False
+    dynamic_onnx = True  # an exported graph takes any image size (the head decides)
 
     def __init__(self, body: nn.Module, *, name: str, layer: str, out_channels: int, stride: int,
                  mean: Sequence[float], std: Sequence[float], normalize_input: bool = True,

@@ -62,6 +62,7 @@ class ViTExtractor(nn.Module):
     """
 
     has_token = True
+    __jit_unused_properties__ = ["dynamic_onnx"]
 
     def __init__(self, model: nn.Module, *, name: str, block: int, mean: Sequence[float], std: Sequence[float],
                  facet: str = "token", norm: Optional[bool] = None, uneven: str = "crop",
@@ -132,6 +133,13 @@ class ViTExtractor(nn.Module):
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The map size (H', W') for an input of ``height`` x ``width`` (``uneven`` rule)."""
         return self._grid(height, width)
+
+    @property
+    def dynamic_onnx(self) -> bool:
+        """Whether an exported ONNX graph is right at every image size: timm's size-based position interpolation
+        exports with symbolic sizes; the DINOv2 scale-factor rule is baked at the traced size by the exporter, and
+        models served through ``forward_intermediates`` are not checked (both export at a fixed size)."""
+        return self.native and (self.body.pos_embed is None or self.pos_interpolation == "timm")
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
