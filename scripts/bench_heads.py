@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 import aggnets
 from aggnets import functional as AF
 from aggnets import heads
+from bench_common import cpu_model, timed
 
 
 # --- naive formulations kept for comparison (what the fast heads replace) ----------------------------------------
@@ -133,13 +133,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         before = _rss_bytes()
         step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+    times = timed(step, sync, args.repeats)
     result = {"case": name, "ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
               "peak_mb": max(peak, 0) / 2**20, "out_dim": head.out_dim, "backward": differentiable}
     if args.compile:
@@ -166,13 +160,7 @@ def time_compiled(head: torch.nn.Module, x: torch.Tensor, differentiable: bool, 
     step(); sync()  # compiles the forward and backward graphs
     compile_s = time.perf_counter() - start
     step(); sync()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+    times = timed(step, sync, repeats)
     return {"compiled_ms": 1e3 * statistics.median(times), "compiled_ms_min": 1e3 * min(times), "compile_s": compile_s}
 
 
@@ -213,7 +201,7 @@ def main() -> None:
     positions = args.size * args.size
     floors = {"netvlad": codebook_flops(args.batch, args.channels, args.clusters, positions),
               "netfv": codebook_flops(args.batch, args.channels, args.clusters, positions, stacked=2)}
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_model()
     print(f"# aggnets {aggnets.__version__} heads benchmark, {date.today()}, torch {torch.__version__}, "
           f"{args.device} ({device_name}, {torch.get_num_threads()} threads)")
     print(f"# x: ({args.batch}, {args.channels}, {args.size}, {args.size}), K={args.clusters}, forward+backward, "

@@ -18,13 +18,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from datetime import date
 
 import torch
 
 import aggnets
 from aggnets.backbones import build_backbone
+from bench_common import cpu_model, timed
 
 # name -> freeze spec, as a function of the depth
 CASES = {
@@ -33,15 +33,6 @@ CASES = {
     "last 2 blocks (BoQ)": lambda depth: f"blocks.{depth - 3}",
     "frozen (inference)": lambda depth: True,
 }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or "unknown CPU"
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict:
@@ -83,13 +74,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated() - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+    times = timed(step, sync, args.repeats)
     return {"ms": 1e3 * statistics.median(times), "saved_mb": saved / 2 ** 20, "peak_mb": peak / 2 ** 20,
             "trainable_m": trainable / 1e6, "depth": depth}
 

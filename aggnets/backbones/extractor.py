@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .output import BackboneOutput
 
-__all__ = ["FeatureExtractor", "FreezeSpec", "check_images"]
+__all__ = ["BackboneBase", "FeatureExtractor", "FreezeSpec", "check_images"]
 
 FreezeSpec = Union[bool, str, Sequence[str], None]
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -24,7 +24,38 @@ def check_images(images: object, name: str, channels: int) -> None:
         raise TypeError(f"{name}: images must be floating point (scaled to [0, 1]), got {images.dtype}")
 
 
-class FeatureExtractor(nn.Module):
+class BackboneBase(nn.Module):
+    """What every backbone wrapper shares: its ``name``, the input normalisation of its weights (``mean`` / ``std``
+    for [0, 1] images, applied in the forward when ``normalize_input``) and the list of frozen modules. Subclasses set
+    ``layer``, ``out_channels``, ``stride`` and implement ``extract(images, sizes=None)``."""
+
+    has_token = False
+    padded_batches = False
+    dynamic_onnx = True  # an exported graph takes any image size (the head decides)
+
+    def __init__(self, *, name: str, mean: Sequence[float], std: Sequence[float], normalize_input: bool) -> None:
+        super().__init__()
+        self.name = name
+        self.normalize_input = normalize_input
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self._frozen_modules: list[str] = []
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """``(images - mean) / std`` for [0, 1] images."""
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        """Checked and (``normalize_input``) normalised images."""
+        check_images(images, self.name, self.mean.shape[1])
+        return self.normalize(images) if self.normalize_input else images
+
+    @property
+    def frozen_modules(self) -> list[str]:
+        return list(self._frozen_modules)
+
+
+class FeatureExtractor(BackboneBase):
     """A CNN truncated after ``layer``: images (B, 3, H, W) -> feature map (B, out_channels, H', W').
 
     ``out_channels`` and ``stride`` (input pixels per feature-map cell, so ``H' ~ ceil(H / stride)``) are known at
@@ -40,36 +71,20 @@ class FeatureExtractor(nn.Module):
     (``padded_batches`` False: :func:`aggnets.retrieval.extract_descriptors` re-masks it with hooks instead).
     """
 
-    has_token = False
-    padded_batches = False
-    dynamic_onnx = True  # an exported graph takes any image size (the head decides)
-
     def __init__(self, body: nn.Module, *, name: str, layer: str, out_channels: int, stride: int,
                  mean: Sequence[float], std: Sequence[float], normalize_input: bool = True,
                  freeze: FreezeSpec = False, output_key: Optional[str] = None) -> None:
-        super().__init__()
+        super().__init__(name=name, mean=mean, std=std, normalize_input=normalize_input)
         self.body = body
-        self.name = name
         self.layer = layer
         self.out_channels = int(out_channels)
         self.stride = int(stride)
-        self.normalize_input = normalize_input
         self._output_key = output_key
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self._frozen_modules: list[str] = []
         self.freeze(freeze)
-
-    def normalize(self, images: Tensor) -> Tensor:
-        """``(images - mean) / std`` for [0, 1] images."""
-        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) images -> (B, out_channels, H', W') feature map."""
-        check_images(images, self.name, self.mean.shape[1])
-        if self.normalize_input:
-            images = self.normalize(images)
-        out = self.body(images)
+        out = self.body(self._prepare(images))
         return out[self._output_key] if self._output_key is not None else out
 
     def extract(self, images: Tensor, sizes: Optional[Tensor] = None) -> BackboneOutput:
@@ -111,10 +126,6 @@ class FeatureExtractor(nn.Module):
         self._frozen_modules = []
         self.train(self.training)
         return self
-
-    @property
-    def frozen_modules(self) -> list[str]:
-        return list(self._frozen_modules)
 
     def _modules_to_freeze(self, spec: FreezeSpec) -> list[str]:
         if spec is None or spec is False:

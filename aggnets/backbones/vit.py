@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dinov2 import POS_INTERPOLATIONS, interpolate_pos_embed
-from .extractor import FreezeSpec, check_images
+from .extractor import BackboneBase, FreezeSpec
 from .output import BackboneOutput
 
 __all__ = ["ViTExtractor", "FACETS", "UNEVEN_MODES", "is_vision_transformer"]
@@ -36,7 +36,7 @@ def _native(model: nn.Module) -> bool:
             and all(isinstance(getattr(block, "attn", None), Attention) for block in model.blocks))
 
 
-class ViTExtractor(nn.Module):
+class ViTExtractor(BackboneBase):
     """A timm vision transformer truncated after block ``block``: images (B, 3, H, W) -> patch tokens as a map
     (B, C, H / p, W / p) (``out_channels`` = embed dim, ``stride`` = patch size p), with the class token (B, C)
     in :meth:`extract`. Later blocks are not run (they are removed). The prefix tokens (class token, registers,
@@ -67,7 +67,7 @@ class ViTExtractor(nn.Module):
     def __init__(self, model: nn.Module, *, name: str, block: int, mean: Sequence[float], std: Sequence[float],
                  facet: str = "token", norm: Optional[bool] = None, uneven: str = "crop",
                  pos_interpolation: str = "timm", normalize_input: bool = True, freeze: FreezeSpec = False) -> None:
-        super().__init__()
+        super().__init__(name=name, mean=mean, std=std, normalize_input=normalize_input)
         if facet not in FACETS:
             raise ValueError(f"{name}: facet must be one of {FACETS}, got {facet!r}")
         if uneven not in UNEVEN_MODES:
@@ -91,14 +91,12 @@ class ViTExtractor(nn.Module):
         patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
         if patch[0] != patch[1]:
             raise ValueError(f"{name}: non-square patches {patch} are not supported")
-        self.name = name
         self.layer = f"blocks.{block}"
         self.block_index = block
         self.facet = facet
         self.norm = bool(norm)
         self.uneven = uneven
         self.pos_interpolation = pos_interpolation
-        self.normalize_input = normalize_input
         self.out_channels = int(model.embed_dim)
         self.stride = int(patch[0])
         self.num_prefix_tokens = int(model.num_prefix_tokens)
@@ -106,17 +104,10 @@ class ViTExtractor(nn.Module):
         self.padded_batches = self.native
         _truncate(model, block, keep_norm=self.norm)
         self.body = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self._frozen_blocks = -1  # blocks 0..n-1 frozen (no grad, eval); 0: the embedding only; -1: none
-        self._frozen_modules: list[str] = []
         self.freeze(freeze)
 
     # ---- images ----------------------------------------------------------------------------------------------
-    def normalize(self, images: Tensor) -> Tensor:
-        """``(images - mean) / std`` for [0, 1] images."""
-        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
-
     def _grid(self, height: int, width: int) -> tuple[int, int]:
         p = self.stride
         if self.uneven == "pad":
@@ -149,12 +140,10 @@ class ViTExtractor(nn.Module):
     def extract(self, images: Tensor, sizes: Optional[Tensor] = None) -> BackboneOutput:
         """Map, class token (None for a model without one) and, with ``sizes`` (B, 2) (each image's (height,
         width) at the top-left of the canvas), the mask of each image's patches (see the class docstring)."""
-        check_images(images, self.name, self.mean.shape[1])
         if sizes is not None and not self.padded_batches:
             raise ValueError(f"{self.name}: {type(self.body).__name__} cannot mask a padded batch (padded_batches "
                              "is False); batch images of equal size")
-        if self.normalize_input:
-            images = self.normalize(images)
+        images = self._prepare(images)
         height, width = images.shape[-2:]
         grid = self._grid(height, width)
         p = self.stride
@@ -331,10 +320,6 @@ class ViTExtractor(nn.Module):
         self._frozen_modules = []
         self.train(self.training)
         return self
-
-    @property
-    def frozen_modules(self) -> list[str]:
-        return list(self._frozen_modules)
 
     def train(self, mode: bool = True) -> "ViTExtractor":
         super().train(mode)
