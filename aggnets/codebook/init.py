@@ -54,6 +54,10 @@ def init_head_from_descriptors(head: nn.Module, descriptors: Any, *, scheme: Opt
     ``scheme="cosine"``: ``w_k = alpha c_k/||c_k||``, ``b = 0`` (pytorch-NetVlad). ``alpha="auto"`` picks it from the
     data (:func:`auto_alpha`), a number sets it, None keeps the head's ``default_alpha``; the classical heads stay
     hard (alpha = inf). NetFV / FisherVector: a diagonal GMM fitted by EM from a k-means start.
+    Ghost clusters (NetVLAD ``ghost_clusters=G``): k-means with K + G centroids; the first K set the clusters (and
+    the ``centroids`` of a residual NetVLAD), the last G the ghosts' assignment rows (as the GhostVLAD / SuperVLAD
+    code does); ``alpha="auto"`` looks at all K + G. A head without an assignment bias defaults to
+    ``scheme="cosine"`` (``"distance"`` needs the bias).
     Under ``torch.distributed`` pass each rank's own descriptors; all ranks end with the same parameters.
     """
     from .gmm import fit_gmm
@@ -69,6 +73,7 @@ def init_head_from_descriptors(head: nn.Module, descriptors: Any, *, scheme: Opt
         raise ValueError(f"{type(head).__name__}: descriptors must have shape (N, {in_channels}), "
                          f"got {tuple(descriptors.shape)}")
     k = head.num_clusters
+    ghosts = int(getattr(head, "ghost_clusters", 0))
     iteration_kwargs = {} if iters is None else {"iters": iters}
     if kind == "gmm":
         from .gmm import GMM_ENGINES
@@ -82,12 +87,14 @@ def init_head_from_descriptors(head: nn.Module, descriptors: Any, *, scheme: Opt
                 "seconds": gmm.seconds}
     if head.normalize_input:
         descriptors = nn.functional.normalize(descriptors.float(), dim=1)
-    result = fit_kmeans(descriptors, k, engine=engine, seed=seed, progress=progress, **iteration_kwargs, **fit_kwargs)
+    result = fit_kmeans(descriptors, k + ghosts, engine=engine, seed=seed, progress=progress, **iteration_kwargs,
+                        **fit_kwargs)
     centroids = result.centroids
     if head.frozen:
         chosen_alpha, scheme = float("inf"), "distance"
     else:
-        scheme = scheme or "distance"
+        has_bias = getattr(getattr(head, "assign", None), "bias", None) is not None
+        scheme = scheme or ("distance" if has_bias else "cosine")
         if alpha == "auto":
             chosen_alpha = auto_alpha(descriptors, centroids, scheme)
         elif alpha is None:
@@ -95,7 +102,11 @@ def init_head_from_descriptors(head: nn.Module, descriptors: Any, *, scheme: Opt
         else:
             chosen_alpha = float(alpha)
     device = next(head.parameters()).device
-    head.load_centroids(centroids.to(device, torch.float64), chosen_alpha, scheme)
+    centroids = centroids.to(device, torch.float64)
+    if ghosts > 0:
+        head.load_centroids(centroids[:k], chosen_alpha, scheme, ghost_centroids=centroids[k:])
+    else:
+        head.load_centroids(centroids, chosen_alpha, scheme)
     return {"engine": result.engine, "inertia": result.inertia, "n_iter": result.n_iter, "alpha": chosen_alpha,
             "scheme": scheme, "seconds": result.seconds}
 

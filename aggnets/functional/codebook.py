@@ -2,6 +2,10 @@
 
 Descriptors are the columns of ``X`` (B, C, N) from :func:`flatten_positions`; an assignment is ``A`` (B, K, N).
 No per-cluster loop and no (B, K, C, N) residual tensor: ``sum_n a_k(x_n)(x_n - c_k) = (A X^T)_k - (A 1)_k c_k``.
+
+Every soft assignment and every gradient of its logits goes through :func:`~aggnets.functional.precision.flush_tiny`
+before it reaches a matrix product (forward, the hand-written backward and the plain-autograd path): subnormal
+operands slow MKL's GEMM down ~100x on Intel cores, and the values flushed are far below float32's resolution.
 """
 import math
 from typing import Optional
@@ -12,7 +16,7 @@ from torch import Tensor
 
 from .masking import flatten_positions
 from .norm import accumulation_dtype, l2_normalize, signed_power
-from .precision import autocast_enabled, bmm_full_range
+from .precision import autocast_enabled, bmm_full_range, flush_tiny, flush_tiny_values
 
 __all__ = ["assign", "assignment_statistics", "netvlad", "netbof", "gmm_assignment", "gmm_log_posteriors",
            "fisher_vector", "netfv"]
@@ -29,7 +33,8 @@ def assign(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], hard: bo
     """Cluster assignment ``A`` (B, K, N) of descriptors (B, C, N) by a linear score ``w_k^T x + b_k``.
 
     Soft: ``softmax_k``; hard: one-hot of the arg-max (nearest centroid when ``w_k = 2 c_k``, ``b_k = -||c_k||^2``).
-    ``valid`` (B, 1, N) zeroes the columns of masked positions.
+    ``valid`` (B, 1, N) zeroes the columns of masked positions. Soft values below 2^-100 (float64: 2^-1000) are zero,
+    and so are those of the gradient of the logits (:func:`~aggnets.functional.precision.flush_tiny`).
     """
     logits = _left_multiply(weight.to(descriptors.dtype), descriptors)
     if bias is not None:
@@ -38,10 +43,40 @@ def assign(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], hard: bo
     if hard:
         assignment = _hard_assignment(logits)
     else:
-        assignment = logits.softmax(dim=1)
+        assignment = soft_assignment(logits)
     if valid is not None:
         assignment = assignment * valid
     return assignment
+
+
+def soft_assignment(logits: Tensor) -> Tensor:
+    """``flush_tiny(softmax_k(logits))`` over dim 1, whose backward flushes the gradient of the logits too (eager and
+    ``torch.compile``; TorchScript, which cannot compile a custom ``autograd.Function``, flushes the forward only)."""
+    if torch.jit.is_scripting():
+        return flush_tiny(logits.softmax(dim=1))
+    return _FlushedSoftmax.apply(logits)
+
+
+class _FlushedSoftmax(torch.autograd.Function):
+    """``a = flush_tiny(softmax_k(l))``; backward ``flush_tiny(a * (g - sum_k a g))``, the softmax gradient with the
+    same flush, so that the gradient of the logits reaches the GEMMs of the assignment's backward without subnormals
+    (autograd's softmax backward would multiply the unflushed ``a`` by ``-sum_k a g``)."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        assignment = flush_tiny(logits.softmax(dim=1))
+        ctx.save_for_backward(assignment)
+        return assignment
+
+    @staticmethod
+    def backward(ctx, grad):
+        assignment, = ctx.saved_tensors
+        return flush_tiny(_softmax_gradient(grad, assignment))
+
+
+def _softmax_gradient(grad: Tensor, assignment: Tensor) -> Tensor:
+    """``a * (g - sum_k a g)`` over dim 1 (the softmax backward given its output ``a``), as aten's fused kernel."""
+    return torch.ops.aten._softmax_backward_data(grad, assignment, 1, grad.dtype)
 
 
 def _hard_assignment(logits: Tensor) -> Tensor:
@@ -52,13 +87,16 @@ def _hard_assignment(logits: Tensor) -> Tensor:
 
 
 def _statistics_reference(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], valid: Optional[Tensor],
-                          normalize_input: bool, hard: bool, with_squares: bool) -> tuple[Tensor, Tensor]:
+                          normalize_input: bool, hard: bool, with_squares: bool,
+                          ghosts: int = 0) -> tuple[Tensor, Tensor]:
     """Plain-autograd :class:`_AssignmentStatistics` (used for inference and autocast, and as its reference)."""
     if normalize_input:
         descriptors = l2_normalize(descriptors, dim=1)
     if with_squares:
         descriptors = torch.cat([descriptors, descriptors * descriptors], dim=1)
     assignment = assign(descriptors, weight, bias, hard, valid)
+    if ghosts > 0:
+        assignment = assignment[:, :assignment.shape[1] - ghosts]
     statistics = bmm_full_range(descriptors, assignment.transpose(1, 2)).transpose(1, 2)
     return assignment.sum(dim=-1), accumulation_dtype(statistics)
 
@@ -67,6 +105,8 @@ class _AssignmentStatistics(torch.autograd.Function):
     """Zeroth and first order statistics of a soft (or hard) assignment: ``mass = A 1`` (B, K) and
     ``stats = A Z^T`` (B, K, D) with ``A = softmax_k(W Z + b)`` (masked columns zeroed), where ``Z`` is the
     descriptors, optionally L2-normalised, optionally stacked with their squares ``[X; X^2]`` (Fisher vectors).
+    ``ghosts`` > 0 (GhostVLAD): the soft-max runs over all rows of ``W`` but the last ``ghosts`` clusters are left out
+    of ``mass`` and ``stats``. ``A`` and the gradient of the logits are flushed (:func:`flush_tiny`).
 
     Hand-written backward: three GEMMs (the two right-hand sides of ``dZ = [dS^T | W^T] [A; dL]`` stacked into one)
     and a few element-wise sweeps over the (B, C, N) descriptors, instead of autograd's gradient accumulations and
@@ -74,7 +114,7 @@ class _AssignmentStatistics(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, descriptors, weight, bias, valid, normalize_input, hard, with_squares):
+    def forward(ctx, descriptors, weight, bias, valid, normalize_input, hard, with_squares, ghosts=0):
         inverse_norm = None
         if normalize_input:
             inverse_norm = torch.linalg.vector_norm(descriptors, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
@@ -83,13 +123,14 @@ class _AssignmentStatistics(torch.autograd.Function):
         logits = _left_multiply(weight, stacked)
         if bias is not None:
             logits = logits + bias.unsqueeze(-1)
-        assignment = _hard_assignment(logits) if hard else logits.softmax(dim=1)
+        assignment = _hard_assignment(logits) if hard else flush_tiny(logits.softmax(dim=1))
         if valid is not None:
             assignment = assignment * valid
-        statistics = torch.bmm(stacked, assignment.transpose(1, 2)).transpose(1, 2)
+        kept = assignment[:, :assignment.shape[1] - ghosts] if ghosts > 0 else assignment
+        statistics = torch.bmm(stacked, kept.transpose(1, 2)).transpose(1, 2)
         ctx.save_for_backward(stacked, inverse_norm, weight, assignment)
-        ctx.hard, ctx.has_bias, ctx.with_squares = hard, bias is not None, with_squares
-        mass = assignment.sum(dim=-1)
+        ctx.hard, ctx.has_bias, ctx.with_squares, ctx.ghosts = hard, bias is not None, with_squares, ghosts
+        mass = kept.sum(dim=-1)
         if hard:
             ctx.mark_non_differentiable(mass)
         return mass, statistics
@@ -98,27 +139,25 @@ class _AssignmentStatistics(torch.autograd.Function):
     def backward(ctx, grad_mass, grad_statistics):
         stacked, inverse_norm, weight, assignment = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-        grad_x = grad_w = grad_b = None
-        batch = stacked.shape[0]
+        batch, ghosts = stacked.shape[0], ctx.ghosts
+        kept = assignment[:, :assignment.shape[1] - ghosts] if ghosts > 0 else assignment
         if grad_mass is None:
-            grad_mass = torch.zeros(assignment.shape[:2], dtype=assignment.dtype, device=assignment.device)
+            grad_mass = torch.zeros(kept.shape[:2], dtype=assignment.dtype, device=assignment.device)
         if grad_statistics is None:
-            grad_statistics = torch.zeros(batch, assignment.shape[1], stacked.shape[1], dtype=stacked.dtype,
+            grad_statistics = torch.zeros(batch, kept.shape[1], stacked.shape[1], dtype=stacked.dtype,
                                           device=stacked.device)
-        grad_logits = None
+        grad_assignment = None
         if not ctx.hard and (needs_x or needs_w or needs_b):
+            # the ghosts' assignments get a zero gradient
             grad_assignment = torch.bmm(grad_statistics, stacked) + grad_mass.unsqueeze(-1)
-            grad_logits = assignment * (grad_assignment - (assignment * grad_assignment).sum(dim=1, keepdim=True))
-            if needs_w:
-                grad_w = torch.bmm(grad_logits, stacked.transpose(1, 2)).sum(dim=0)
-            if needs_b and ctx.has_bias:
-                grad_b = grad_logits.sum(dim=(0, 2))
+            if ghosts > 0:
+                grad_assignment = torch.cat([grad_assignment, grad_assignment.new_zeros(batch, ghosts,
+                                                                                        grad_assignment.shape[2])],
+                                            dim=1)
+        grad_x, grad_w, grad_b = backward_through_assignment(grad_assignment, assignment, stacked, weight,
+                                                             grad_statistics, kept, needs_x, needs_w,
+                                                             needs_b and ctx.has_bias)
         if needs_x:
-            left, right = grad_statistics.transpose(1, 2), assignment                     # (B, D, K), (B, K, N)
-            if grad_logits is not None:
-                left = torch.cat([left, weight.t().unsqueeze(0).expand(batch, -1, -1)], dim=2)
-                right = torch.cat([assignment, grad_logits], dim=1)
-            grad_x = torch.bmm(left, right)                                                # (B, D, N)
             if ctx.with_squares:
                 channels = stacked.shape[1] // 2
                 descriptors = stacked[:, :channels]
@@ -128,7 +167,32 @@ class _AssignmentStatistics(torch.autograd.Function):
             if inverse_norm is not None:
                 projection = (descriptors * grad_x).sum(dim=1, keepdim=True)
                 grad_x = torch.addcmul(grad_x, descriptors, projection, value=-1.0).mul_(inverse_norm)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def backward_through_assignment(grad_assignment: Optional[Tensor], assignment: Tensor, descriptors: Tensor,
+                                weight: Tensor, grad_statistics: Tensor, aggregated: Tensor, needs_x: bool,
+                                needs_w: bool, needs_b: bool) -> tuple[Optional[Tensor], Optional[Tensor],
+                                                                       Optional[Tensor]]:
+    """The gradients of ``statistics = aggregated Z^T`` with ``aggregated`` a function of the assignment
+    ``A = softmax_k(W Z + b)``, given ``dA`` (``grad_assignment`` (B, K', N); None for a hard assignment, which passes
+    no gradient to ``W``, ``b``): ``dL = flush_tiny(A * (dA - sum_k A dA))``, ``dW = dL Z^T``, ``db = dL 1`` and
+    ``dZ = [dS^T | W^T] [aggregated; dL]`` (the two right-hand sides stacked into one GEMM). ``descriptors`` Z
+    (B, D, N), ``weight`` W (K', D), ``grad_statistics`` dS (B, K, D), ``aggregated`` (B, K, N) (K <= K': ghosts)."""
+    grad_x = grad_w = grad_b = grad_logits = None
+    if grad_assignment is not None:
+        grad_logits = flush_tiny(_softmax_gradient(grad_assignment, assignment))
+        if needs_w:
+            grad_w = torch.bmm(grad_logits, descriptors.transpose(1, 2)).sum(dim=0)
+        if needs_b:
+            grad_b = grad_logits.sum(dim=(0, 2))
+    if needs_x:
+        left, right = grad_statistics.transpose(1, 2), aggregated                          # (B, D, K), (B, K, N)
+        if grad_logits is not None:
+            left = torch.cat([left, weight.t().unsqueeze(0).expand(descriptors.shape[0], -1, -1)], dim=2)
+            right = torch.cat([aggregated, grad_logits], dim=1)
+        grad_x = torch.bmm(left, right)                                                     # (B, D, N)
+    return grad_x, grad_w, grad_b
 
 
 def _needs_fast_backward(*tensors: Optional[Tensor]) -> bool:
@@ -139,32 +203,42 @@ def _needs_fast_backward(*tensors: Optional[Tensor]) -> bool:
 
 
 def assignment_statistics(descriptors: Tensor, weight: Tensor, bias: Optional[Tensor], valid: Optional[Tensor] = None,
-                          normalize_input: bool = False, hard: bool = False, with_squares: bool = False
-                          ) -> tuple[Tensor, Tensor]:
+                          normalize_input: bool = False, hard: bool = False, with_squares: bool = False,
+                          ghosts: int = 0) -> tuple[Tensor, Tensor]:
     """``(A 1, A Z^T)`` for descriptors (B, C, N): see :class:`_AssignmentStatistics`. Training uses the hand-written
     backward; inference, autocast and TorchScript (which cannot compile a custom ``autograd.Function``) use plain
-    autograd ops with the same values."""
+    autograd ops with the same values. ``ghosts``: the last ``ghosts`` rows of ``weight`` (and ``bias``) are ghost
+    clusters, in the soft-max but not in the returned (B, K) mass and (B, K, D) statistics."""
     if not torch.jit.is_scripting():
         if _needs_fast_backward(descriptors, weight, bias):
-            return _AssignmentStatistics.apply(descriptors, weight, bias, valid, normalize_input, hard, with_squares)
-    return _statistics_reference(descriptors, weight, bias, valid, normalize_input, hard, with_squares)
+            return _AssignmentStatistics.apply(descriptors, weight, bias, valid, normalize_input, hard, with_squares,
+                                               ghosts)
+    return _statistics_reference(descriptors, weight, bias, valid, normalize_input, hard, with_squares, ghosts)
 
 
-def netvlad(x: Tensor, weight: Tensor, bias: Optional[Tensor], centroids: Tensor, mask: Optional[Tensor] = None,
-            hard: bool = False, normalize_input: bool = True, intra_norm: bool = True,
-            power: Optional[float] = None) -> Tensor:
+def netvlad(x: Tensor, weight: Tensor, bias: Optional[Tensor], centroids: Optional[Tensor],
+            mask: Optional[Tensor] = None, hard: bool = False, normalize_input: bool = True, intra_norm: bool = True,
+            power: Optional[float] = None, ghost_clusters: int = 0) -> Tensor:
     """NetVLAD (Arandjelović et al., CVPR 2016) and, with ``hard=True``, VLAD (Jégou et al., CVPR 2010).
 
     ``V_k = sum_n a_k(x_n) (x_n - c_k)`` with ``a_k(x) = softmax_k(w_k^T x + b_k)`` (or its arg-max one-hot),
     optionally on L2-normalised inputs; then optional signed power, optional intra-normalisation (per-k L2), and L2 of
-    the flattened (K * C) vector, k-major. ``weight`` (K, C), ``bias`` (K,) or None, ``centroids`` (K, C).
+    the flattened (K * C) vector, k-major. ``weight`` (K + G, C), ``bias`` (K + G,) or None, ``centroids`` (K, C).
+
+    ``ghost_clusters`` G > 0 (GhostVLAD, Zhong, Arandjelović & Zisserman, ACCV 2018): the soft-max runs over the
+    K + G rows of ``weight``, the last G (the ghosts) are dropped from the aggregation. ``centroids=None``
+    (SuperVLAD, Lu et al., NeurIPS 2024): no residual, ``V_k = sum_n a_k(x_n) x_n``.
     """
     descriptors, valid, _ = flatten_positions(accumulation_dtype(x), mask)
     dtype = descriptors.dtype
-    weight, centroids = weight.to(dtype), centroids.to(dtype)
+    weight = weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
-    mass, first = assignment_statistics(descriptors, weight, bias, valid, normalize_input, hard)
-    vlad = first - mass.unsqueeze(-1) * centroids
+    mass, first = assignment_statistics(descriptors, weight, bias, valid, normalize_input, hard,
+                                        ghosts=ghost_clusters)
+    if centroids is not None:
+        vlad = first - mass.unsqueeze(-1) * centroids.to(dtype)
+    else:
+        vlad = first
     if power is not None and power != 1:
         vlad = signed_power(vlad, power)
     if intra_norm:
@@ -188,9 +262,11 @@ def netbof(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Ten
 def gmm_assignment(log_weights: Tensor, means: Tensor, log_vars: Tensor) -> tuple[Tensor, Tensor]:
     """The diagonal-GMM posterior as a linear score on ``[X; X^2]``: ``log gamma_n(k) = log_softmax_k(W [x; x^2] + b)``
     with ``W = [mu / s^2, -1 / (2 s^2)]`` (K, 2C) and ``b_k = log w_k - (1/2) sum_c (mu^2 / s^2 + log s^2 + log 2 pi)``.
+    ``W``'s entries below 2^-100 (float64: 2^-1000) are zero (a mean fitted by EM can be subnormal), with the exact
+    gradient (:func:`~aggnets.functional.precision.flush_tiny_values`).
     """
     precision = torch.exp(-log_vars)
-    weight = torch.cat([means * precision, -0.5 * precision], dim=1)
+    weight = flush_tiny_values(torch.cat([means * precision, -0.5 * precision], dim=1))
     constant = (means * means * precision + log_vars).sum(dim=1) + means.shape[1] * math.log(2 * math.pi)
     return weight, torch.log_softmax(log_weights, dim=0) - 0.5 * constant
 

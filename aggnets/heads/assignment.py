@@ -26,31 +26,39 @@ class ConvAssignmentHead(PoolingHead):
     (K, C, 1, 1), optional bias), or its arg-max one-hot when ``assignment="hard"``.
 
     ``frozen`` heads (the classical encoders) have every parameter's ``requires_grad`` off.
+
+    ``ghost_clusters`` G > 0 (GhostVLAD): ``assign`` has K + G outputs, the soft-max runs over all of them, and the
+    last G rows (the ghosts) are left out of the encoding; ``assign_weight`` is (K + G, C), ghost rows last.
     """
 
     default_alpha: float = 1.0
     frozen: bool = False
 
     def __init__(self, in_channels: int, num_clusters: int, out_dim: int, *, alpha: Optional[float] = None,
-                 normalize_input: bool = False, bias: bool = True, assignment: str = "soft") -> None:
+                 normalize_input: bool = False, bias: bool = True, assignment: str = "soft",
+                 ghost_clusters: int = 0) -> None:
         super().__init__(in_channels, out_dim)
         if assignment not in ("soft", "hard"):
             raise ValueError(f"{type(self).__name__}: assignment must be 'soft' or 'hard', got {assignment!r}")
         self.num_clusters = check_positive_int(type(self).__name__, "num_clusters", num_clusters)
+        if not isinstance(ghost_clusters, int) or isinstance(ghost_clusters, bool) or ghost_clusters < 0:
+            raise ValueError(f"{type(self).__name__}: ghost_clusters must be a non-negative int, got {ghost_clusters!r}")
+        self.ghost_clusters = ghost_clusters
         self.normalize_input = normalize_input
         self.assignment = assignment
-        self.assign = nn.Conv2d(in_channels, num_clusters, kernel_size=1, bias=bias)
+        self.assign = nn.Conv2d(in_channels, num_clusters + ghost_clusters, kernel_size=1, bias=bias)
         self.register_buffer("alpha", torch.tensor(float(self.default_alpha if alpha is None else alpha)))
 
     def _random_centroids(self) -> Tensor:
-        centroids = torch.randn(self.num_clusters, self.in_channels)
+        """(K + G, C) random centroids (the ghosts' last)."""
+        centroids = torch.randn(self.num_clusters + self.ghost_clusters, self.in_channels)
         if self.normalize_input:
             centroids = nn.functional.normalize(centroids, dim=1)
         return centroids
 
     @torch.no_grad()
     def set_assignment_from_centroids(self, centroids: Tensor, alpha: float, scheme: str = "distance") -> None:
-        """Initialise ``assign`` from centroids (NOTES.md, NetVLAD init).
+        """Initialise ``assign`` from (K + G, C) centroids, the ghosts' last (NOTES.md, NetVLAD init).
 
         ``"distance"``: ``w_k = 2 alpha c_k``, ``b_k = -alpha ||c_k||^2``, so ``a = softmax_k(-alpha ||x - c_k||^2)``;
         ``alpha = inf`` switches to hard nearest-centroid assignment (``alpha`` = 1 in the weights).
@@ -80,20 +88,42 @@ class ConvAssignmentHead(PoolingHead):
 
     @classmethod
     def from_centroids(cls, centroids: Any, alpha: Optional[float] = None, scheme: str = "distance",
-                       **kwargs: Any) -> "ConvAssignmentHead":
+                       ghost_centroids: Any = None, **kwargs: Any) -> "ConvAssignmentHead":
         """Build the head from a (K, C) codebook (e.g. k-means centroids); ``alpha=float('inf')`` = hard.
 
-        The parameters take the centroids' floating dtype (float64 centroids give a float64 head).
+        The parameters take the centroids' floating dtype (float64 centroids give a float64 head). With
+        ``ghost_clusters=G`` (a keyword of the heads that have ghosts), ``ghost_centroids`` (G, C) places the ghosts'
+        assignment rows like the others' (e.g. the last G of a K + G k-means fit); omitted, the ghost rows are zero
+        (see :meth:`load_centroids`).
         """
         centroids = _as_centroids(centroids, cls.__name__)
+        if ghost_centroids is not None:
+            ghost_centroids = torch.as_tensor(ghost_centroids).detach().to(centroids.dtype)
         head = cls(centroids.shape[1], centroids.shape[0], **kwargs).to(dtype=centroids.dtype)
-        head.load_centroids(centroids, cls.default_alpha if alpha is None else alpha, scheme)
+        head.load_centroids(centroids, cls.default_alpha if alpha is None else alpha, scheme, ghost_centroids)
         return head
 
-    def load_centroids(self, centroids: Tensor, alpha: float, scheme: str = "distance") -> None:
+    def load_centroids(self, centroids: Tensor, alpha: float, scheme: str = "distance",
+                       ghost_centroids: Optional[Tensor] = None) -> None:
+        """Set the assignment from the K centroids (and the G ghosts' centroids when the head has ghosts).
+
+        ``ghost_centroids`` (G, C) None with G > 0: the ghost rows are zero (weight and bias), i.e. a ghost centroid
+        at the origin under ``scheme="distance"`` (``softmax_k(-alpha ||x - c_k||^2)`` with ``c = 0``): on
+        L2-normalised descriptors the ghosts then start nearly unused (distance 1 against < 1 to the nearest
+        centroid, sharpened by alpha) and training decides what they absorb. ``init_head_from_descriptors`` instead
+        fits K + G k-means centroids and gives the last G to the ghosts (as the GhostVLAD / SuperVLAD code does).
+        """
+        name = type(self).__name__
         if tuple(centroids.shape) != (self.num_clusters, self.in_channels):
-            raise ValueError(f"{type(self).__name__}: centroids must have shape "
+            raise ValueError(f"{name}: centroids must have shape "
                              f"{(self.num_clusters, self.in_channels)}, got {tuple(centroids.shape)}")
+        if ghost_centroids is None:
+            ghost_centroids = centroids.new_zeros(self.ghost_clusters, self.in_channels)
+        elif tuple(ghost_centroids.shape) != (self.ghost_clusters, self.in_channels):
+            raise ValueError(f"{name}: ghost_centroids must have shape {(self.ghost_clusters, self.in_channels)} "
+                             f"(ghost_clusters={self.ghost_clusters}), got {tuple(ghost_centroids.shape)}")
+        if self.ghost_clusters > 0:
+            centroids = torch.cat([centroids, ghost_centroids.to(centroids)], dim=0)
         self.set_assignment_from_centroids(centroids, float(alpha), scheme)
 
     def init_from_descriptors(self, descriptors: Any, **kwargs: Any) -> dict:
@@ -109,23 +139,24 @@ class ConvAssignmentHead(PoolingHead):
 
     @property
     def assign_weight(self) -> Tensor:
-        """The assignment weight as a (K, C) matrix."""
+        """The assignment weight as a (K + G, C) matrix (G = ``ghost_clusters``, ghost rows last)."""
         return self.assign.weight.flatten(1)
 
     def assignment_map(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """The assignment ``a_k(x_n)`` (B, K, H, W) of every position of ``x`` (B, C, H, W), exactly as the forward
         pass computes it: ``softmax_k(w_k^T x_n + b_k)`` (the arg-max one-hot when ``assignment="hard"``), on
         L2-normalised ``x_n`` when ``normalize_input``. Columns of masked positions are all zero. Differentiable
-        (soft); float32 for half-precision inputs."""
+        (soft); float32 for half-precision inputs. With ghost clusters only the K real clusters' rows are returned
+        (the soft-max includes the ghosts, so a column sums to 1 minus the ghosts' share)."""
         AF.check_feature_map(x, mask, self.in_channels, type(self).__name__)
         descriptors, valid, _ = AF.flatten_positions(AF.accumulation_dtype(x), mask)
         if self.normalize_input:
             descriptors = AF.l2_normalize(descriptors, dim=1)
         assignment = AF.assign(descriptors, self.assign_weight, self.assign.bias, self.assignment == "hard", valid)
-        return assignment.unflatten(-1, x.shape[-2:])
+        return assignment[:, :self.num_clusters].unflatten(-1, x.shape[-2:])
 
     def internals(self) -> Dict[str, Tensor]:
-        """``alpha`` (0-d; inf for hard assignment) and ``assign_weight_norm`` ``||w_k||_2`` (K,)."""
+        """``alpha`` (0-d; inf for hard assignment) and ``assign_weight_norm`` ``||w_k||_2`` (K + G,: ghosts last)."""
         return {"alpha": self.alpha, "assign_weight_norm": torch.linalg.vector_norm(self.assign_weight, dim=1)}
 
     def internal_maps(self, x: Tensor, mask: Optional[Tensor] = None,
@@ -134,5 +165,8 @@ class ConvAssignmentHead(PoolingHead):
         return {"assignment": self.assignment_map(x, mask)}
 
     def _options(self) -> list[str]:
-        return [f"num_clusters={self.num_clusters}", f"assignment={self.assignment!r}",
-                f"normalize_input={self.normalize_input}"]
+        options = [f"num_clusters={self.num_clusters}", f"assignment={self.assignment!r}",
+                   f"normalize_input={self.normalize_input}"]
+        if self.ghost_clusters:
+            options.insert(1, f"ghost_clusters={self.ghost_clusters}")
+        return options
