@@ -15,8 +15,8 @@ from omegaconf.errors import InterpolationToMissingValueError
 
 __all__ = ["ConfigError", "check_config", "build", "build_head", "call"]
 
-# filled in by the training code, never by the user
-AUTO_FILLED = {"in_channels"}
+# filled in by the training code (in_h / in_w: when left at ???)
+AUTO_FILLED = {"in_channels", "in_h", "in_w"}
 
 
 class ConfigError(ValueError):
@@ -134,9 +134,31 @@ def call(factory: Callable[..., Any], key: str, target: Optional[str] = None, **
         raise ConfigError(f"{key} ({name}): {type(error).__name__}: {error}") from error
 
 
-def build_head(cfg: DictConfig, in_channels: int) -> Any:
-    """The ``head`` group with ``in_channels`` set from the backbone (written into the config, so the saved run
-    config records it, and a wrapped head's ``${..in_channels}`` resolves)."""
+def _image_size(cfg: DictConfig) -> Optional[tuple[int, int]]:
+    """The training images' (height, width): ``data.train.image_size`` (an int or a pair), if the config has one."""
+    size = OmegaConf.select(cfg, "data.train.image_size", default=None)
+    if size is None:
+        return None
+    size = OmegaConf.to_container(size) if isinstance(size, ListConfig) else size
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def build_head(cfg: DictConfig, backbone: Any) -> Any:
+    """The ``head`` group with ``in_channels`` set from the backbone (an int is taken as the channel count) and, for a
+    head built for one map size, ``in_h`` / ``in_w`` left at ``???`` set to the map the backbone gives for the data's
+    image size (``backbone.output_size(*data.train.image_size)``). Written into the config, so the saved run config
+    records them, and a wrapped head's ``${..in_channels}`` resolves."""
+    in_channels = backbone if isinstance(backbone, int) else backbone.out_channels
     with open_dict(cfg):
         cfg.head.in_channels = in_channels
+        keys = list(cfg.head.keys())  # (``key in cfg`` is False for a ??? value)
+        missing = [key for key in ("in_h", "in_w") if key in keys and OmegaConf.is_missing(cfg.head, key)]
+        if missing:
+            size = _image_size(cfg)
+            if size is None or isinstance(backbone, int):
+                raise ConfigError(f"head.{missing[0]}: the map size this head is built for could not be derived (no "
+                                  "data.train.image_size here): set head.in_h and head.in_w, e.g. head.in_h=20 "
+                                  "head.in_w=20")
+            height, width = backbone.output_size(*size)
+            cfg.head.in_h, cfg.head.in_w = int(height), int(width)
     return build(cfg.head, "head")

@@ -68,9 +68,11 @@ def build_embedder(cfg: DictConfig) -> tuple[Embedder, dict]:
         with open_dict(run_cfg):
             run_cfg.backbone.weights = None  # every weight comes from the checkpoint
         backbone = build(run_cfg.backbone, "backbone")
-        head = build_head(run_cfg, backbone.out_channels)
-        projection = run_cfg.get("task", {}).get("projection_dim")
-        embedder = Embedder(backbone, head, projection_dim=projection)
+        head = build_head(run_cfg, backbone)
+        task_cfg = run_cfg.get("task", {})
+        embedder = Embedder(backbone, head, projection_dim=task_cfg.get("projection_dim"),
+                            context_gating=bool(task_cfg.get("context_gating", False)),
+                            context_gating_batch_norm=bool(task_cfg.get("context_gating_batch_norm", False)))
         weights = state["state_dict"]
         prefix = "model.embedder." if any(k.startswith("model.embedder.") for k in weights) else "model."
         own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -86,7 +88,7 @@ def build_embedder(cfg: DictConfig) -> tuple[Embedder, dict]:
                     run_dir=str(Path(cfg.checkpoint).resolve().parent.parent), ignored=len(unexpected))
     else:
         backbone = build(cfg.backbone, "backbone")
-        embedder = Embedder(backbone, build_head(cfg, backbone.out_channels))
+        embedder = Embedder(backbone, build_head(cfg, backbone))
     return embedder.eval(), info
 
 

@@ -66,10 +66,11 @@ def check_output_dir(path: str) -> None:
 
 
 def build_run(cfg: DictConfig, *, with_trainer: bool = True) -> Run:
-    """Instantiate everything; the head's ``in_channels`` comes from the backbone."""
+    """Instantiate everything; the head's ``in_channels`` (and a fixed-size head's ``in_h`` / ``in_w``) come from the
+    backbone (and the data's image size)."""
     datamodule = build(cfg.data, "data")
     backbone = build(cfg.backbone, "backbone")
-    head = build_head(cfg, backbone.out_channels)
+    head = build_head(cfg, backbone)
     task_factory = build(cfg.task, "task", partial=True)
     task = call(task_factory, "task", cfg.task.get("_target_"), backbone=backbone, head=head)
     run = Run(cfg=cfg, datamodule=datamodule, task=task)

@@ -7,7 +7,6 @@ references.py for that.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -179,3 +178,34 @@ def rel_err(a, b):
 
 
 __all__ = [n for n in dir() if not n.startswith("_") and n not in ("math",)]
+
+
+def gradcheck_head(head, x, mask=None, fast_mode=False):
+    """float64 gradcheck of ``head(x, mask)`` with respect to ``x`` and every trainable parameter of the head."""
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in head.named_parameters() if p.requires_grad}
+    names = list(params)
+
+    def f(x, *ps):
+        kwargs = {} if mask is None else {"mask": mask}
+        return torch.func.functional_call(head, dict(zip(names, ps)), (x,), kwargs)
+
+    x = x.detach().clone().requires_grad_(True)
+    return torch.autograd.gradcheck(f, (x, *params.values()), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=fast_mode)
+
+
+def autocast_output_and_gradients(head, x, autocast, mask=None, rel=5e-2):
+    """``head(x, mask)`` under CPU autocast (``autocast`` a half dtype, or None for plain float32): a float32, finite
+    output within ``rel`` (relative L2) of the float64 forward, and finite gradients of the input and every
+    parameter. ``head`` ends in float32."""
+    args = (x,) if mask is None else (x, mask)
+    ref = head.double()(*(a.double() if a.is_floating_point() else a for a in args)).float()
+    head.float()
+    x = x.detach().float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        y = head(x) if mask is None else head(x, mask)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert (y - ref).norm() / ref.norm() < rel
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in head.parameters()
+                                                if p.requires_grad)
+    return y

@@ -23,9 +23,11 @@ from hypothesis import strategies as st
 
 from aggnets.heads import RMAC, GeM, NetBoF, NetFV, NetVLAD, SpatialPyramid
 from tests.conftest import requires_cuda
-from tests.helpers import HEAD_NAMES, SPATIAL, assert_close, input_kind, make_head, rand_centroids, rand_gmm, rand_map
+from tests.helpers import (HEAD_NAMES, MASKED, SPATIAL, assert_close, capabilities, input_kind, make_head,
+                           rand_centroids, rand_gmm, rand_map)
 
 GEOMETRY_FREE = [n for n in HEAD_NAMES if n not in SPATIAL]
+MASKED_HEADS = sorted(MASKED)  # the mask properties apply to the heads that declare masks; the others refuse one
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 FEW, SOME = 8, 12  # max_examples per (head, dtype) test
@@ -81,7 +83,7 @@ def _make_mask(kind, B, H, W, gen):
 @st.composite
 def problems(draw, name, dtype, mask_kinds=tuple(MASK_KINDS), max_batch=3, build=None):
     """(head, x, mask or None, generator): a random head of the registry name (or ``build(C, K)``) and a random input
-    for it."""
+    for it. A registered head that takes no mask gets none; a fixed-size one is built for the drawn H x W."""
     C = draw(st.integers(4, 8))
     K = draw(st.integers(2, 4))
     B = draw(st.integers(1, max_batch))
@@ -91,7 +93,9 @@ def problems(draw, name, dtype, mask_kinds=tuple(MASK_KINDS), max_batch=3, build
     seed = draw(st.integers(0, 2 ** 31 - 1))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    head = make_head(name, C, K, dtype=dtype) if build is None else build(C, K).to(dtype)
+    head = make_head(name, C, K, dtype=dtype, size=(H, W)) if build is None else build(C, K).to(dtype)
+    if build is None and not capabilities(name).mask:
+        kind = "none"
     x = rand_map(B, C, H, W, kind=input_kind(name), dtype=dtype)
     return head, x, _make_mask(kind, B, H, W, gen), gen
 
@@ -182,7 +186,7 @@ def _check_masked_values_do_not_matter(head, x, mask, gen, how, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", HEAD_NAMES)
+@pytest.mark.parametrize("name", MASKED_HEADS)
 def test_masked_values_do_not_change_output_or_gradients(name, dtype, device):
     """Replacing the masked-out values by random / +-1e30 / NaN / +-inf values changes neither the output nor the
     gradients (input gradient 0 at masked positions, parameter gradients unchanged, all finite)."""
@@ -222,7 +226,7 @@ def test_masked_values_do_not_matter_for_head_variants(variant, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", GEOMETRY_FREE)
+@pytest.mark.parametrize("name", [n for n in GEOMETRY_FREE if n in MASKED])
 def test_geometry_free_heads_see_only_the_valid_descriptors(name, dtype):
     """For heads without geometry, image b of a masked map equals the 1 x N_b map of its valid descriptors (row-major
     order; any order would do) — in particular a single valid position equals the 1 x 1 map of that position."""
@@ -242,7 +246,7 @@ def test_geometry_free_heads_see_only_the_valid_descriptors(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", HEAD_NAMES)
+@pytest.mark.parametrize("name", MASKED_HEADS)
 def test_single_valid_position_equals_one_by_one_map(name, dtype):
     """One valid position (anywhere, the rest NaN): the output is that of the 1 x 1 map of its descriptor — for the
     grid heads too, since their grid is laid on the bounding box of the valid positions (a 1 x 1 box)."""
@@ -260,7 +264,7 @@ def test_single_valid_position_equals_one_by_one_map(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", HEAD_NAMES)
+@pytest.mark.parametrize("name", MASKED_HEADS)
 def test_valid_rectangle_equals_its_crop(name, dtype):
     """A valid sub-rectangle (garbage around it) equals the cropped map, for every head (grid heads included)."""
 
@@ -463,7 +467,7 @@ def test_bad_mask_raises_one_error_naming_mask(name, case):
     check()
 
 
-@pytest.mark.parametrize("name", HEAD_NAMES)
+@pytest.mark.parametrize("name", MASKED_HEADS)
 def test_all_false_mask_for_one_item_raises_value_error_naming_mask(name):
     @settings(max_examples=6, **SETTINGS)
     @given(problems(name, torch.float32, mask_kinds=("all", "bernoulli", "single", "points", "rows_cols")), st.data())
@@ -479,7 +483,7 @@ def test_all_false_mask_for_one_item_raises_value_error_naming_mask(name):
 
 
 @requires_cuda
-@pytest.mark.parametrize("name", HEAD_NAMES)
+@pytest.mark.parametrize("name", MASKED_HEADS)
 def test_mask_on_another_device_raises_value_error_naming_mask(name):
     head = make_head(name, 4, 3, dtype=torch.float32)
     x = rand_map(2, 4, 5, 6, kind=input_kind(name), dtype=torch.float32)

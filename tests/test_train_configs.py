@@ -64,7 +64,7 @@ PAIRS = sorted({(b, h) for b in BACKBONES for h in ("gem", "class_token")}
 def test_every_head_and_every_backbone(backbone_name, head_name):
     cfg = compose_train(*small(backbone_name), f"head={head_name}")
     backbone, features = backbone_and_map(backbone_name)
-    head = build_head(cfg, backbone.out_channels)
+    head = build_head(cfg, backbone)
     assert type(head) is aggnets.get_head_class(head_name)
     assert head.in_channels == backbone.out_channels == features.shape[1]
     with torch.no_grad():
@@ -180,3 +180,17 @@ def test_train_py_stops_on_a_misspelt_key_before_running():
                             text=True, timeout=120, cwd=CONF.parent)
     assert result.returncode == 2
     assert "Config error: data.batch_sise: no key 'batch_sise' in data; did you mean 'data.batch_size'?" in result.stderr
+
+
+def test_a_fixed_size_heads_map_size_is_derived_from_the_backbone_and_the_image_size():
+    """head=mixvpr just works: in_h / in_w left at ??? become the map the training images give; set, they stay."""
+    cfg = compose_train("head=mixvpr", "backbone.weights=null", "data.train.image_size=96")
+    backbone = build(cfg.backbone, "backbone")
+    head = build_head(cfg, backbone)
+    assert head.map_size == backbone.output_size(96, 96) == (cfg.head.in_h, cfg.head.in_w)
+    explicit = compose_train("head=mixvpr", "backbone.weights=null", "head.in_h=5", "head.in_w=7")
+    assert build_head(explicit, backbone).map_size == (5, 7)
+    bare = OmegaConf.create({"head": {"_target_": "aggnets.heads.MixVPR", "in_channels": "???", "in_h": "???",
+                                      "in_w": "???"}})
+    with pytest.raises(ConfigError, match=r"head.in_h: .*set head.in_h and head.in_w"):
+        build_head(bare, backbone)
