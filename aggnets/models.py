@@ -13,6 +13,7 @@ from typing import Callable, Optional, Union
 from torch import Tensor, nn
 
 from .backbones.output import BackboneOutput
+from .heads.norm import ContextGating
 from .functional.norm import l2_normalize
 
 __all__ = ["Embedder", "Classifier"]
@@ -29,11 +30,12 @@ def _out_channels(backbone: nn.Module) -> int:
 
 
 class Embedder(nn.Module):
-    """``f(image) = L2(Wh(P · head(backbone(image))))``: a global image descriptor of ``out_dim`` values.
+    """``f(image) = L2(Wh(CG(P · head(backbone(image)))))``: a global image descriptor of ``out_dim`` values.
 
     ``head`` is a pooling head module, or a factory called as ``head(in_channels=backbone.out_channels)`` (e.g. a
     ``functools.partial`` from a config), so the channel count never has to be written twice. ``projection_dim``
-    adds a linear layer (a learned projection / dimensionality reduction), ``whitening`` a fitted
+    adds a linear layer (a learned projection / dimensionality reduction), ``context_gating`` a
+    :class:`aggnets.heads.ContextGating` after it (``context_gating_batch_norm``: with LOUPE's batch norm), ``whitening`` a fitted
     :class:`aggnets.heads.Whitening` (PCA or learned Lw, :mod:`aggnets.retrieval`); ``normalize`` L2-normalises the output
     (retrieval); a classifier usually keeps it off.
 
@@ -45,7 +47,8 @@ class Embedder(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, head: HeadSpec, *, projection_dim: Optional[int] = None,
-                 normalize: bool = True, whitening: Optional[nn.Module] = None) -> None:
+                 normalize: bool = True, whitening: Optional[nn.Module] = None, context_gating: bool = False,
+                 context_gating_batch_norm: bool = False) -> None:
         super().__init__()
         in_channels = _out_channels(backbone)
         if not isinstance(head, nn.Module):
@@ -68,6 +71,8 @@ class Embedder(nn.Module):
         self.backbone = backbone
         self.head = head
         self.projection = nn.Linear(head.out_dim, projection_dim) if projection_dim else None
+        dim = projection_dim or head.out_dim
+        self.context_gating = ContextGating(dim, context_gating_batch_norm) if context_gating else None
         self.normalize = normalize
         self.whitening: Optional[nn.Module] = None
         if whitening is not None:
@@ -106,11 +111,13 @@ class Embedder(nn.Module):
         return self.backbone_output(images).map
 
     def describe(self, x: Tensor, mask: Optional[Tensor] = None, token: Optional[Tensor] = None) -> Tensor:
-        """Everything after the backbone: head (with the global token when it uses one) -> projection ->
-        whitening -> L2. ``x`` (B, C, H, W) map, ``mask`` (B, H, W), ``token`` (B, C) or None."""
+        """Everything after the backbone: head (with the global token when it uses one) -> projection -> context
+        gating -> whitening -> L2. ``x`` (B, C, H, W) map, ``mask`` (B, H, W), ``token`` (B, C) or None."""
         descriptor = self.head(x, mask, token) if self.head_uses_token else self.head(x, mask)
         if self.projection is not None:
             descriptor = self.projection(descriptor)
+        if self.context_gating is not None:
+            descriptor = self.context_gating(descriptor)
         if self.whitening is not None:
             descriptor = self.whitening(descriptor)
         return l2_normalize(descriptor, dim=1) if self.normalize else descriptor

@@ -25,7 +25,9 @@ class EmbeddingTask(L.LightningModule):
     """What both tasks share: the model (an :class:`aggnets.Embedder`, or a :class:`aggnets.Classifier` around
     one; ``task.model`` is a plain module to use elsewhere), the optimiser with its two learning rates, the scheduler, and
     optional ``torch.compile``; ``whitening`` (a file of :func:`aggnets.retrieval.save_whitening`) appends a fitted
-    whitening to the embedder, trained with the head and saved in the checkpoint.
+    whitening to the embedder, trained with the head and saved in the checkpoint; ``context_gating`` appends a
+    :class:`aggnets.heads.ContextGating` after the head (and projection), ``context_gating_batch_norm`` with LOUPE's
+    batch norm.
 
     ``optimizer`` / ``scheduler`` are factories (``_partial_: true`` in the config). The backbone trains at
     ``backbone_lr`` (None = the optimiser's lr; 0 freezes it), everything else at the optimiser's lr. A scheduler
@@ -36,9 +38,12 @@ class EmbeddingTask(L.LightningModule):
     def __init__(self, backbone: nn.Module, head: Any, *, optimizer: OptimizerFactory,
                  scheduler: Optional[SchedulerFactory] = None, backbone_lr: Optional[float] = None,
                  projection_dim: Optional[int] = None, normalize: bool = True, compile: bool = False,
-                 whitening: Optional[str] = None) -> None:
+                 whitening: Optional[str] = None, context_gating: bool = False,
+                 context_gating_batch_norm: bool = False) -> None:
         super().__init__()
-        self.model: nn.Module = Embedder(backbone, head, projection_dim=projection_dim, normalize=normalize)
+        self.model: nn.Module = Embedder(backbone, head, projection_dim=projection_dim, normalize=normalize,
+                                         context_gating=context_gating,
+                                         context_gating_batch_norm=context_gating_batch_norm)
         if whitening:  # a file from aggnets.retrieval.save_whitening: fine-tuned with the head
             from aggnets.retrieval import load_whitening
             self.embedder.set_whitening(load_whitening(whitening))
@@ -105,9 +110,11 @@ class ClassificationTask(EmbeddingTask):
     def __init__(self, backbone: nn.Module, head: Any, *, num_classes: int, optimizer: OptimizerFactory,
                  scheduler: Optional[SchedulerFactory] = None, backbone_lr: Optional[float] = None,
                  projection_dim: Optional[int] = None, label_smoothing: float = 0.0, dropout: float = 0.0,
-                 compile: bool = False) -> None:
+                 compile: bool = False, context_gating: bool = False,
+                 context_gating_batch_norm: bool = False) -> None:
         super().__init__(backbone, head, optimizer=optimizer, scheduler=scheduler, backbone_lr=backbone_lr,
-                         projection_dim=projection_dim, normalize=False, compile=compile)
+                         projection_dim=projection_dim, normalize=False, compile=compile,
+                         context_gating=context_gating, context_gating_batch_norm=context_gating_batch_norm)
         self.model = Classifier(self.embedder, num_classes, dropout=dropout)
         self.label_smoothing = label_smoothing
         self.num_classes = num_classes
@@ -170,9 +177,11 @@ class MetricLearningTask(EmbeddingTask):
                  miner: Optional[nn.Module] = None, scheduler: Optional[SchedulerFactory] = None,
                  backbone_lr: Optional[float] = None, projection_dim: Optional[int] = None,
                  recall_ks: tuple[int, ...] = (1, 5, 10), compile: bool = False,
-                 whitening: Optional[str] = None) -> None:
+                 whitening: Optional[str] = None, context_gating: bool = False,
+                 context_gating_batch_norm: bool = False) -> None:
         super().__init__(backbone, head, optimizer=optimizer, scheduler=scheduler, backbone_lr=backbone_lr,
-                         projection_dim=projection_dim, normalize=True, compile=compile, whitening=whitening)
+                         projection_dim=projection_dim, normalize=True, compile=compile, whitening=whitening,
+                         context_gating=context_gating, context_gating_batch_norm=context_gating_batch_norm)
         self.loss = loss
         self.miner = miner
         self.recall_ks = tuple(recall_ks)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from .. import functional as AF
 from .base import check_positive_int
 
-__all__ = ["L2Norm", "PowerNorm", "IntraNorm", "Whitening"]
+__all__ = ["L2Norm", "PowerNorm", "IntraNorm", "Whitening", "ContextGating"]
 
 
 class L2Norm(nn.Module):
@@ -106,3 +106,40 @@ class Whitening(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, normalize={self.normalize}"
+
+
+class ContextGating(nn.Module):
+    """Context gating (Miech, Laptev & Sivic, "Learnable pooling with Context Gating for video classification",
+    2017; antoine77340/LOUPE): ``y = sigmoid(W x + b) * x`` on a (B, dim) descriptor, re-weighting each dimension
+    by a gate computed from the whole descriptor.
+
+    ``batch_norm=True`` (LOUPE's ``gating_add_batch_norm``) normalises ``W x`` with a batch norm instead of adding a
+    bias: ``y = sigmoid(BN(W x)) * x``. Parameters: ``fc.weight`` (dim, dim) (and ``fc.bias`` (dim,) without the batch
+    norm), ``bn.*``. Initialised as LOUPE: ``W ~ N(0, 1/dim)``, ``b = 0``.
+    """
+
+    def __init__(self, dim: int, batch_norm: bool = False) -> None:
+        super().__init__()
+        check_positive_int("ContextGating", "dim", dim)
+        self.dim = dim
+        self.fc = nn.Linear(dim, dim, bias=not batch_norm)
+        self.bn = nn.BatchNorm1d(dim) if batch_norm else None
+        with torch.no_grad():
+            self.fc.weight.normal_(0.0, dim ** -0.5)
+            if self.fc.bias is not None:
+                self.fc.bias.zero_()
+
+    @property
+    def out_dim(self) -> int:
+        return self.dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"ContextGating: x must have shape (B, {self.dim}), got {tuple(x.shape)}")
+        gates = self.fc(x)
+        if self.bn is not None:
+            gates = self.bn(gates)
+        return torch.sigmoid(gates) * x
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, batch_norm={self.bn is not None}"
