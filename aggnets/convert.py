@@ -6,6 +6,8 @@
   the same output.
 * :func:`gem_from_cirtorch` — the GeM exponent ``pool.p`` of a cnnimageretrieval-pytorch (cirtorch) network ->
   :class:`aggnets.heads.GeM` with the same output.
+* :func:`from_reference` — a head from the state dict of its authors' own aggregator module (their key names, e.g.
+  MixVPR's ``mix.0.mix.1.weight``), for the heads whose class has a ``from_reference`` classmethod.
 * :func:`load_head_state` — ``head.load_state_dict`` whose error lists every missing / unexpected key and every
   shape mismatch (expected and found shapes), and points at the converters when the keys look like those layouts.
 * :func:`head_state_keys` / ``HEAD_STATE_KEYS`` — the stable state_dict keys and shapes of every registered head.
@@ -33,7 +35,8 @@ from torch import Tensor, nn
 from .heads import GeM, NetVLAD
 from .registry import get_head_class, list_heads
 
-__all__ = ["netvlad_from_pytorch_netvlad", "gem_from_cirtorch", "load_head_state", "head_state_keys",
+__all__ = ["from_reference", "reference_heads", "netvlad_from_pytorch_netvlad", "gem_from_cirtorch",
+           "load_head_state", "head_state_keys",
            "format_head_state_keys", "HEAD_STATE_KEYS", "StateDictError"]
 
 
@@ -43,6 +46,24 @@ class StateDictError(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def reference_heads() -> list[str]:
+    """The registered heads that can be built from their authors' state dict (:func:`from_reference`)."""
+    return [name for name in list_heads() if callable(getattr(get_head_class(name), "from_reference", None))]
+
+
+def from_reference(name: str, state_dict: Any, **hparams: Any) -> nn.Module:
+    """The aggnets head ``name`` built from the state dict of the authors' own aggregator module (its keys exactly as
+    in their repository; a checkpoint dict holding it under ``"state_dict"`` is unwrapped), with the same output in
+    eval mode. ``hparams`` are the constructor arguments the tensors' shapes do not determine; each head's
+    ``from_reference`` says which, and its errors name the missing or misshapen key."""
+    cls = get_head_class(name)
+    build = getattr(cls, "from_reference", None)
+    if not callable(build):
+        raise ValueError(f"from_reference: {name!r} has no converter from an authors' layout; heads that have one: "
+                         f"{', '.join(reference_heads()) or 'none'}")
+    return build(dict(_unwrap(state_dict)), **hparams)
 
 
 def _unwrap(state_dict: Any) -> Mapping[str, Any]:
@@ -225,7 +246,7 @@ def load_head_state(head: nn.Module, state_dict: Any, strict: bool = True, prefi
 
 # --- the stable key table -------------------------------------------------------------------------------------------
 
-_C, _K = 7, 5                      # distinct small sizes, so shapes can be written symbolically
+_C, _K = 11, 6                     # sizes no head uses for a fixed dimension (kernels 3, 5, 7), so shapes read symbolically
 _SPECIAL = {"spatial_pyramid": {"head": "netvlad", "levels": (1, 2), "head_kwargs": {"num_clusters": _K}}}
 
 

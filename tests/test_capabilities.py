@@ -36,10 +36,28 @@ SEED = {
 }
 SEED["vlad"], SEED["bof"], SEED["fisher_vector"] = SEED["netvlad"], SEED["netbof"], SEED["netfv"]
 
+# The place-recognition heads: MixVPR's mixers are dense over the N = in_h * in_w positions (no mask, one size, a
+# graph fixed at that size); ConvAP's cells depend on where a position is (not orderless); CosPlace is GeM on
+# normalised descriptors (orderless); CRN's context convolutions see the layout, and its masked forward crops to
+# each image's box (a data-dependent step).
+FIELD = {
+    "mixvpr": {"mask": False, "any_size": False, "size_args": ("in_h", "in_w"), "dynamic_onnx": False,
+               "l2_output": True},
+    "convap": {"l2_output": True},
+    "cosplace": {"orderless": True, "l2_output": True, "internals": ("p",)},
+    "crn": {"codebook": "centroids", "l2_output": True, "fullgraph": False, "maps": ("assignment", "context"),
+            "internals": ("alpha", "assign_weight_norm", "centroid_norm", "context_filter_norm",
+                          "context_filter_bias")},
+}
 
-@pytest.mark.parametrize("name", sorted(SEED))
+
+@pytest.mark.parametrize("name", sorted(SEED) + sorted(FIELD))
 def test_seed_heads_declare_what_they_are(name):
-    assert capabilities(name) == HeadCapabilities(**SEED[name])
+    assert capabilities(name) == HeadCapabilities(**{**SEED, **FIELD}[name])
+
+
+def test_every_registered_head_is_pinned():
+    assert set(aggnets.list_heads()) == set(SEED) | set(FIELD), "a head was added: pin its declaration here"
 
 
 @pytest.mark.parametrize("name", HEAD_NAMES)

@@ -196,8 +196,19 @@ PINNED = {
     "bof": _ASSIGN, "netbof": _ASSIGN,
     "netvlad": {**_ASSIGN, "centroids": ("K", "C")}, "vlad": {**_ASSIGN, "centroids": ("K", "C")},
     "fisher_vector": _GMM, "netfv": _GMM,
-    "gem": {"p": (1,)}, "mac": {}, "spoc": {}, "crow": {}, "rmac": {},
+    "gem": {"p": (1,)}, "mac": {}, "spoc": {}, "crow": {}, "rmac": {}, "class_token": {},
     "spatial_pyramid": {"head." + k: v for k, v in {**_ASSIGN, "centroids": ("K", "C")}.items()},
+    "mixvpr": {"mix_norm_weight": (4, 400), "mix_norm_bias": (4, 400), "mix_fc1_weight": (4, 400, 400),
+               "mix_fc1_bias": (4, 400), "mix_fc2_weight": (4, 400, 400), "mix_fc2_bias": (4, 400),
+               "channel_proj.weight": (512, "C"), "channel_proj.bias": (512,), "row_proj.weight": (4, 400),
+               "row_proj.bias": (4,)},
+    "convap": {"channel_pool.weight": (512, "C", 1, 1), "channel_pool.bias": (512,)},
+    "cosplace": {"p": (1,), "fc.weight": (512, "C"), "fc.bias": (512,)},
+    "crn": {"centroids": ("K", "C"), **_ASSIGN,
+            "context.accumulation_weight": (1, 84, 1, 1), "context.accumulation_bias": (1,),
+            "context.filter3.weight": (32, "C", 3, 3), "context.filter3.bias": (32,),
+            "context.filter5.weight": (32, "C", 5, 5), "context.filter5.bias": (32,),
+            "context.filter7.weight": (20, "C", 7, 7), "context.filter7.bias": (20,)},
 }
 
 
@@ -217,6 +228,10 @@ def test_state_dict_key_variants():
     assert set(build_head("netvlad", in_channels=6, num_clusters=3, bias=False).state_dict()) == {
         "alpha", "assign.weight", "centroids"}
     assert set(build_head("rmac", in_channels=6, pool="gem").state_dict()) <= {"p"}
+    ghost = build_head("netvlad", in_channels=6, num_clusters=3, ghost_clusters=2).state_dict()
+    assert ghost["assign.weight"].shape == (5, 6, 1, 1) and ghost["centroids"].shape == (3, 6)
+    assert set(build_head("netvlad", in_channels=6, num_clusters=3, residual=False).state_dict()) == {
+        "alpha", "assign.weight", "assign.bias"}
 
 
 def test_head_state_keys_leaves_rng_alone_and_formats():

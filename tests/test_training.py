@@ -256,3 +256,17 @@ def test_a_dinov2_backbone_trains_with_a_head(tmp_path, head):
     tags = tensorboard_tags(tmp_path)
     assert "test/acc" in tags["scalars"]
     assert ("head/assignment_map" in tags["images"]) == (head == "netvlad")
+
+
+@pytest.mark.parametrize("overrides", [["head=mixvpr"], ["head=convap"], ["head=cosplace", "task.context_gating=true"],
+                                       ["head=crn", "head.num_clusters=8"],
+                                       ["head=netvlad", "head.num_clusters=8", "head.ghost_clusters=2"],
+                                       ["head=netvlad", "head.num_clusters=4", "head.ghost_clusters=1",
+                                        "head.residual=false"]],
+                         ids=["mixvpr", "convap", "cosplace+context_gating", "crn", "ghostvlad", "supervlad"])
+def test_the_field_heads_train_on_the_embedded_default(tmp_path, overrides):
+    """train.py's run with each head of issue 15 (MixVPR's in_h / in_w derived from the backbone and the image size;
+    the codebook of CRN / GhostVLAD fitted first), a few steps, to a test accuracy."""
+    metric = train(compose_train(*SMALL, *overrides, f"paths.output_dir={tmp_path}", "trainer.limit_train_batches=3"))
+    assert metric is not None and 0.0 <= metric <= 1.0
+    assert "test/acc" in tensorboard_tags(tmp_path)["scalars"]

@@ -253,6 +253,8 @@ def test_every_head_on_a_vit_map():
         kwargs = {"num_clusters": 4} if aggnets.get_head_class(name).capabilities.codebook != "none" else {}
         if name == "spatial_pyramid":
             kwargs = {"head": "gem", "levels": (1, 2)}
+        size_args = aggnets.get_head_class(name).capabilities.size_args
+        kwargs.update(zip(size_args, backbone.output_size(56, 70)))  # a fixed-size head (MixVPR): the ViT's grid
         model = aggnets.Embedder(backbone, aggnets.build_head(name, in_channels=DIM, **kwargs)).eval()
         with torch.no_grad():
             out = model(torch.rand(2, 3, 56, 70))

@@ -7,9 +7,16 @@ from .norm import accumulation_dtype, intra_normalize, l2_normalize, signed_powe
 from .pooling import crow, gem, mac, spoc
 from .regions import region_max, region_sums, rmac, rmac_regions
 from .pyramid import pyramid_cells
+from .crn import context_pool, crn, crn_context
+from .convap import convap, convap_cell_weights, linear_full_range
+from .cosplace import cosplace
+from .mixvpr import feature_mix, mixvpr
+from .precision import flush_tiny
 
 __all__ = [
     "accumulation_dtype", "assign", "assignment_statistics", "gmm_assignment", "check_feature_map", "crow", "fisher_vector", "flatten_positions", "gem",
     "gmm_log_posteriors", "intra_normalize", "l2_normalize", "mac", "map_valid_boxes", "netbof", "netfv", "netvlad",
     "pyramid_cells", "region_max", "region_sums", "rmac", "rmac_regions", "signed_power", "spoc", "valid_boxes", "zero_masked",
 ]
+__all__ += ["convap", "convap_cell_weights", "linear_full_range", "cosplace", "feature_mix", "mixvpr"]
+__all__ += ["crn", "crn_context", "context_pool", "flush_tiny"]
