@@ -4,6 +4,12 @@
     python scripts/bench_heads.py --device cuda
     python scripts/bench_heads.py --cases netvlad,netvlad_loop --repeats 3
     python scripts/bench_heads.py --cases netvlad,netfv,gem,rmac --compile   # + torch.compile (inductor) column
+    python scripts/bench_heads.py --suite field        # the place-recognition heads at their papers' map sizes
+
+``--suite field``: MixVPR and CRN on ResNet-50 layer3 at 320 px (C = 1024, 20 x 20), ConvAP on layer4 (C = 2048,
+10 x 10), CosPlace on layer4 at 512 px (C = 2048, 16 x 16), GhostVLAD / SuperVLAD at 20 x 20, each beside its
+published formulation (``scripts/published/``: the authors' module structure, re-written) on the same weights, and
+NetVLAD at 20 x 20 for CRN's target (<= 1.3x NetVLAD).
 
 Each case runs in its own subprocess so that CPU peak memory can be read from the process high-water mark
 (ru_maxrss minus the resident size just before the first forward pass); on CUDA it is
@@ -29,18 +35,26 @@ import torch.nn.functional as F
 import aggnets
 from aggnets import functional as AF
 from aggnets import heads
+from aggnets.functional.crn import CRN_FILTERS
 from bench_common import cpu_model, timed
+from published import convap as published_convap
+from published import cosplace as published_cosplace
+from published import crn as published_crn
+from published import mixvpr as published_mixvpr
 
 
 # --- naive formulations kept for comparison (what the fast heads replace) ----------------------------------------
 
 class NetVLADLoop(heads.NetVLAD):
-    """NetVLAD with a Python loop over clusters (as in several public implementations)."""
+    """NetVLAD with a Python loop over clusters (as in several public implementations). With ``ghost_clusters`` the
+    soft-max runs over K + G rows and the loop over the K real clusters (GhostVLAD as published); with
+    ``residual=False`` each cluster sums its weighted descriptors (SuperVLAD as published)."""
 
     def pool(self, x, mask):
         descriptors = F.normalize(x.flatten(2), dim=1)
         assignment = AF.assign(descriptors, self.assign_weight, self.assign.bias)
-        vlad = torch.stack([(assignment[:, k:k + 1, :] * (descriptors - self.centroids[k][None, :, None])).sum(-1)
+        vlad = torch.stack([(assignment[:, k:k + 1, :] * (descriptors if self.centroids is None else
+                                                          descriptors - self.centroids[k][None, :, None])).sum(-1)
                             for k in range(self.num_clusters)], dim=1)
         return F.normalize(F.normalize(vlad, dim=-1).flatten(1), dim=-1)
 
@@ -73,9 +87,31 @@ class GeMPlain(heads.GeM):
         return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
 
 
+class Published(torch.nn.Module):
+    """A published formulation built from an aggnets head's weights (``scripts/published``), called as a head."""
+
+    def __init__(self, module: torch.nn.Module, out_dim: int) -> None:
+        super().__init__()
+        self.module, self.out_dim = module, out_dim
+
+    def forward(self, x, mask=None):
+        return self.module(x)
+
+
+def published(head: torch.nn.Module, module) -> Published:
+    return Published(module.from_head(head), head.out_dim)
+
+
 def codebook_flops(batch: int, channels: int, clusters: int, positions: int, stacked: int = 1) -> float:
     """6 matrix products (2 forward, 4 backward) of 2 * B * K * (stacked * C) * N flops each."""
     return 6 * 2.0 * batch * clusters * stacked * channels * positions
+
+
+def crn_context_flops(batch: int, channels: int, size: int) -> float:
+    """CRN's context convolutions (3x3 x 32, 5x5 x 32, 7x7 x 20 on the (size // 2)^2 pooled map): forward, gradient of
+    the input and of the weights, 3 x 2 * B * h * w * C * sum_f F_f k_f^2 flops."""
+    pooled = (size // 2) ** 2
+    return 3 * 2.0 * batch * pooled * channels * sum(count * kernel * kernel for kernel, count in CRN_FILTERS)
 
 
 CASES: dict[str, Callable[[int, int], torch.nn.Module]] = {
@@ -99,6 +135,27 @@ CASES: dict[str, Callable[[int, int], torch.nn.Module]] = {
     "spatial_pyramid_netbof": lambda c, k: heads.SpatialPyramid(heads.NetBoF(c, k), levels=(1, 2, 4)),
 }
 
+# --suite field: (factory, channels, map size); K = --clusters where the head has clusters
+FIELD_CASES: dict[str, tuple[Callable[[int, int], torch.nn.Module], int, int]] = {
+    "mixvpr": (lambda c, k: heads.MixVPR(c, 20, 20), 1024, 20),
+    "mixvpr_published": (lambda c, k: published(heads.MixVPR(c, 20, 20), published_mixvpr), 1024, 20),
+    "convap": (lambda c, k: heads.ConvAP(c), 2048, 10),
+    "convap_published": (lambda c, k: published(heads.ConvAP(c), published_convap), 2048, 10),
+    "cosplace": (lambda c, k: heads.CosPlace(c), 2048, 16),
+    "cosplace_published": (lambda c, k: published(heads.CosPlace(c), published_cosplace), 2048, 16),
+    "netvlad_20": (lambda c, k: heads.NetVLAD(c, k), 1024, 20),
+    "crn": (lambda c, k: heads.CRN(c, k), 1024, 20),
+    "crn_published": (lambda c, k: published(heads.CRN(c, k), published_crn.PublishedCRN), 1024, 20),
+    "ghostvlad": (lambda c, k: heads.NetVLAD(c, k, ghost_clusters=1), 1024, 20),
+    "ghostvlad_loop": (lambda c, k: NetVLADLoop(c, k, ghost_clusters=1), 1024, 20),
+    "supervlad": (lambda c, k: heads.NetVLAD(c, 4, ghost_clusters=1, residual=False), 1024, 20),
+    "supervlad_loop": (lambda c, k: NetVLADLoop(c, 4, ghost_clusters=1, residual=False), 1024, 20),
+}
+# (fast, slow): the note of the slow row gives its time over the fast one's
+COMPARED = (("netvlad", "netvlad_loop"), ("netvlad", "netvlad_broadcast"), ("rmac", "rmac_loop"), ("gem", "gem_plain"),
+            ("mixvpr", "mixvpr_published"), ("convap", "convap_published"), ("cosplace", "cosplace_published"),
+            ("crn", "crn_published"), ("ghostvlad", "ghostvlad_loop"), ("supervlad", "supervlad_loop"))
+
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -109,7 +166,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
     """Time one case in this process and return its measurements."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    head = CASES[name](args.channels, args.clusters).to(device)
+    head = {**CASES, **{n: spec[0] for n, spec in FIELD_CASES.items()}}[name](args.channels, args.clusters).to(device)
     x = torch.relu(torch.randn(args.batch, args.channels, args.size, args.size, device=device)).requires_grad_()
     grad = None
 
@@ -186,7 +243,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--clusters", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--suite", choices=("seed", "field"), default="seed",
+                        help="seed: every seed head at --channels / --size; field: the place-recognition heads, each "
+                             "at its paper's map size (--channels / --size ignored)")
+    parser.add_argument("--cases", default=None, help="comma-separated case names (default: the suite's)")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile(head) (inductor, after warm-up; compile time reported apart)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -196,27 +256,41 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case, args)))
         return
+    suite = FIELD_CASES if args.suite == "field" else CASES
+    args.cases = args.cases or ",".join(suite)
 
     rate = gemm_rate(args.device)
     positions = args.size * args.size
     floors = {"netvlad": codebook_flops(args.batch, args.channels, args.clusters, positions),
               "netfv": codebook_flops(args.batch, args.channels, args.clusters, positions, stacked=2)}
+    if args.suite == "field":  # CRN at its case's size: NetVLAD's GEMMs + the context convolutions
+        channels, size = FIELD_CASES["crn"][1:]
+        floors = {"netvlad_20": codebook_flops(args.batch, channels, args.clusters, size * size)}
+        floors["crn"] = floors["netvlad_20"] + crn_context_flops(args.batch, channels, size)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_model()
     print(f"# aggnets {aggnets.__version__} heads benchmark, {date.today()}, torch {torch.__version__}, "
           f"{args.device} ({device_name}, {torch.get_num_threads()} threads)")
-    print(f"# x: ({args.batch}, {args.channels}, {args.size}, {args.size}), K={args.clusters}, forward+backward, "
-          f"median of {args.repeats}; GEMM rate {rate / 1e9:.1f} GFLOP/s; "
-          f"NetVLAD floor {1e3 * floors['netvlad'] / rate:.1f} ms, NetFV floor {1e3 * floors['netfv'] / rate:.1f} ms")
+    shape = "C x H x W per row" if args.suite == "field" else f"{args.channels}, {args.size}, {args.size}"
+    print(f"# x: ({args.batch}, {shape}), K={args.clusters}, forward+backward, "
+          f"median of {args.repeats}; GEMM rate {rate / 1e9:.1f} GFLOP/s"
+          + (f"; floors (matrix-product / convolution FLOPs / GEMM rate): NetVLAD at 20 x 20 "
+             f"{1e3 * floors['netvlad_20'] / rate:.1f} ms, CRN {1e3 * floors['crn'] / rate:.1f} ms "
+             f"({floors['crn'] / floors['netvlad_20']:.2f}x NetVLAD's)"
+             if args.suite == "field" else f"; NetVLAD floor {1e3 * floors['netvlad'] / rate:.1f} ms, "
+                                              f"NetFV floor {1e3 * floors['netfv'] / rate:.1f} ms"))
+    column = "| C x H x W " if args.suite == "field" else ""
     if args.compile:
-        print("| case | fwd+bwd ms | compiled ms | speed-up (median; min) | compile s | peak extra MB | out_dim | note |")
-        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        print(f"| case {column}| fwd+bwd ms | compiled ms | speed-up (median; min) | compile s | peak extra MB | out_dim "
+              "| note |")
+        print("|---" + "|---" * bool(column) + "|---:|---:|---:|---:|---:|---:|---|")
     else:
-        print("| case | fwd+bwd ms | peak extra MB | out_dim | note |")
-        print("|---|---:|---:|---:|---|")
+        print(f"| case {column}| fwd+bwd ms | peak extra MB | out_dim | note |")
+        print("|---" + "|---" * bool(column) + "|---:|---:|---:|---|")
     results = {}
     for name in args.cases.split(","):
+        channels, size = (FIELD_CASES[name][1:] if name in FIELD_CASES else (args.channels, args.size))
         command = [sys.executable, __file__, "--case", name, "--device", args.device, "--batch", str(args.batch),
-                   "--channels", str(args.channels), "--size", str(args.size), "--clusters", str(args.clusters),
+                   "--channels", str(channels), "--size", str(size), "--clusters", str(args.clusters),
                    "--repeats", str(args.repeats)] + (["--compile"] if args.compile else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -229,16 +303,18 @@ def main() -> None:
             note = f"{result['ms'] / (1e3 * floors[name] / rate):.2f}x floor"
         if name == "netfv" and "netvlad" in results:
             note += f", {result['ms'] / results['netvlad']['ms']:.2f}x NetVLAD"
-        for fast, slow in (("netvlad", "netvlad_loop"), ("netvlad", "netvlad_broadcast"), ("rmac", "rmac_loop"),
-                           ("gem", "gem_plain")):
+        for fast, slow in COMPARED:
             if name == slow and fast in results:
                 note = f"{result['ms'] / results[fast]['ms']:.2f}x the time of {fast}"
+        if name == "crn" and "netvlad_20" in results:
+            note += f", {result['ms'] / results['netvlad_20']['ms']:.2f}x NetVLAD (netvlad_20)"
         compiled = ""
         if args.compile:
             compiled = (f" {result['compiled_ms']:.1f} | {result['ms'] / result['compiled_ms']:.2f}x; "
                         f"{result['ms_min'] / result['compiled_ms_min']:.2f}x | "
                         f"{result['compile_s']:.1f} |")
-        print(f"| {name} | {result['ms']:.1f} |{compiled} {result['peak_mb']:.0f} | {result['out_dim']} | {note} |",
+        cell = f" {channels} x {size} x {size} |" if column else ""
+        print(f"| {name} |{cell} {result['ms']:.1f} |{compiled} {result['peak_mb']:.0f} | {result['out_dim']} | {note} |",
               flush=True)
 
 
