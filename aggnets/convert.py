@@ -33,19 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from .heads import GeM, NetVLAD
+from .heads.reference import StateDictError
 from .registry import get_head_class, list_heads
 
 __all__ = ["from_reference", "reference_heads", "netvlad_from_pytorch_netvlad", "gem_from_cirtorch",
            "load_head_state", "head_state_keys",
            "format_head_state_keys", "HEAD_STATE_KEYS", "StateDictError"]
-
-
-class StateDictError(KeyError):
-    """A state_dict that does not fit: the message names the keys and shapes. (A ``KeyError`` subclass whose
-    ``str`` is the plain message.)"""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 def reference_heads() -> list[str]:
@@ -55,7 +48,7 @@ def reference_heads() -> list[str]:
 
 def from_reference(name: str, state_dict: Any, **hparams: Any) -> nn.Module:
     """The aggnets head ``name`` built from the state dict of the authors' own aggregator module (its keys exactly as
-    in their repository; a checkpoint dict holding it under ``"state_dict"`` is unwrapped), with the same output in
+    in their repository; a checkpoint dict holding it under ``"state_dict"`` or ``"model_state_dict"`` is unwrapped), with the same output in
     eval mode. ``hparams`` are the constructor arguments the tensors' shapes do not determine; each head's
     ``from_reference`` says which, and its errors name the missing or misshapen key."""
     cls = get_head_class(name)
@@ -68,14 +61,15 @@ def from_reference(name: str, state_dict: Any, **hparams: Any) -> nn.Module:
 
 def _unwrap(state_dict: Any) -> Mapping[str, Any]:
     """Accept a plain state_dict or a checkpoint dict that holds one under ``"state_dict"`` (pytorch-NetVlad,
-    cirtorch and Lightning checkpoints)."""
+    cirtorch and Lightning checkpoints) or ``"model_state_dict"`` (the deep-visual-geo-localization benchmark)."""
     if isinstance(state_dict, nn.Module):
         return state_dict.state_dict()
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
-    inner = state_dict.get("state_dict")
-    if isinstance(inner, Mapping):
-        return inner
+    for holder in ("state_dict", "model_state_dict"):
+        inner = state_dict.get(holder)
+        if isinstance(inner, Mapping):
+            return inner
     return state_dict
 
 

@@ -8,10 +8,10 @@ from .pooling import crow, gem, mac, spoc
 from .regions import region_max, region_sums, rmac, rmac_regions
 from .pyramid import pyramid_cells
 from .crn import context_pool, crn, crn_context
-from .convap import convap, convap_cell_weights, linear_full_range
+from .convap import convap, convap_cell_weights
 from .cosplace import cosplace
 from .mixvpr import feature_mix, mixvpr
-from .precision import flush_tiny
+from .precision import flush_tiny, linear_full_range
 
 __all__ = [
     "accumulation_dtype", "assign", "assignment_statistics", "gmm_assignment", "check_feature_map", "crow", "fisher_vector", "flatten_positions", "gem",

@@ -9,27 +9,13 @@ H, W (and the mask), so the masked form is one graph and the exported graph take
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .masking import zero_masked
 from .norm import accumulation_dtype, l2_normalize
-from .precision import autocast_dtype, bmm_full_range
+from .precision import bmm_full_range, linear_full_range
 
-__all__ = ["convap", "convap_cell_weights", "linear_full_range"]
-
-
-def linear_full_range(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear``, but never in float16, whose range (65504) a projection of large activations exceeds (bfloat16
-    has float32's range and keeps autocast's speed)."""
-    if torch.jit.is_scripting():  # TorchScript: no autocast context with a run-time device type
-        if x.dtype == torch.float16:
-            return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-        return F.linear(x, weight, bias)
-    if x.dtype == torch.float16 or autocast_dtype(x.device.type) == torch.float16:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    return F.linear(x, weight, bias)
+__all__ = ["convap", "convap_cell_weights"]
 
 
 def _axis_cells(valid: Tensor, cells: int) -> Tensor:

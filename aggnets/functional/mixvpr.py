@@ -10,7 +10,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from .convap import linear_full_range
+from .precision import linear_full_range
 from .norm import accumulation_dtype, l2_normalize
 
 __all__ = ["feature_mix", "mixvpr"]

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["autocast_enabled", "autocast_dtype", "bmm_full_range", "flush_tiny", "flush_tiny_values", "tiny_threshold"]
+__all__ = ["autocast_enabled", "autocast_dtype", "bmm_full_range", "linear_full_range", "flush_tiny", "flush_tiny_values",
+           "tiny_threshold"]
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -35,6 +36,19 @@ def bmm_full_range(a: Tensor, b: Tensor) -> Tensor:
         with torch.autocast(device_type=a.device.type, enabled=False):
             return torch.bmm(a.float(), b.float())
     return torch.bmm(a, b)
+
+
+def linear_full_range(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear``, but never in float16, whose range (65504) a projection of large activations exceeds (bfloat16
+    has float32's range and keeps autocast's speed)."""
+    if torch.jit.is_scripting():  # TorchScript: no autocast context with a run-time device type
+        if x.dtype == torch.float16:
+            return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return F.linear(x, weight, bias)
+    if x.dtype == torch.float16 or autocast_dtype(x.device.type) == torch.float16:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return F.linear(x, weight, bias)
 
 
 def tiny_threshold(dtype: torch.dtype) -> float:

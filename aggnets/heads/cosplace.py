@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .. import functional as AF
 from ..registry import register_head
 from .base import HeadCapabilities, PoolingHead, check_positive_int
-from .convap import check_unexpected, reference_prefix, reference_tensor
+from .reference import check_unexpected, reference_prefix, reference_tensor
 
 __all__ = ["CosPlace"]
 

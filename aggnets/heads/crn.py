@@ -12,6 +12,7 @@ from ..functional.crn import CRN_FILTERS, crn, crn_context
 from ..registry import register_head
 from .base import HeadCapabilities
 from .netvlad import NetVLAD
+from .reference import check_unexpected, reference_prefix, reference_tensor
 
 __all__ = ["CRN", "ContextNetwork"]
 
@@ -202,88 +203,31 @@ class CRN(NetVLAD):
         convolution has none), ``crn.filter_3_3.weight`` (32, C, 3, 3) / ``.bias`` (32,), ``crn.filter_5_5.*``
         (32, C, 5, 5), ``crn.filter_7_7.*`` (20, C, 7, 7), ``crn.acc_w.weight`` (1, 84, 1, 1) / ``.bias`` (1,); C and
         K come from ``centroids``. ``prefix``: where the module sits in a whole model's state dict; None finds it
-        (``""``, ``"aggregation."``, ``"module.aggregation."`` of their DataParallel checkpoints, ...). A checkpoint
-        dict holding the model under ``"model_state_dict"`` (theirs) or ``"state_dict"`` is unwrapped.
+        (``""``, ``"aggregation."``, ``"module.aggregation."`` of their DataParallel checkpoints, ...).
         ``normalize_input`` must match theirs (default True, as their ``get_aggregation`` builds it); other keyword
         arguments go to the constructor (their forward is soft assignment, intra-normalisation, no power). The head
-        takes the centroids' dtype. Errors (``aggnets.convert.StateDictError``) name the missing, unexpected or
-        misshapen key.
+        takes the centroids' dtype. Errors (:class:`~aggnets.heads.reference.StateDictError`) name the missing,
+        unexpected or misshapen key.
         """
-        from ..convert import StateDictError
-
         what = "CRN.from_reference"
-        for holder in ("model_state_dict", "state_dict"):
-            inner = state_dict.get(holder) if isinstance(state_dict, Mapping) else None
-            if isinstance(inner, Mapping):
-                state_dict = inner
-                break
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"{what}: expected a state_dict, got {type(state_dict).__name__}")
-        prefix = _find_prefix(state_dict, prefix, what, StateDictError)
-        ours: dict[str, Tensor] = {}
-        centroids_key = prefix + "centroids"
-        centroids = state_dict[centroids_key]
-        if not isinstance(centroids, Tensor) or centroids.dim() != 2 or 0 in centroids.shape:
-            raise StateDictError(f"{what}: {centroids_key!r} must be a (K, C) tensor, found shape "
-                                 f"{_shape(centroids)}")
-        k, c = centroids.shape
-        sizes = {"K": k, "C": c}
-        missing = [prefix + name for name in _REFERENCE_KEYS if prefix + name not in state_dict]
-        if missing:
-            raise StateDictError(f"{what}: missing key(s) {missing} (the authors' CRN has "
-                                 f"{sorted(_REFERENCE_KEYS) + sorted(_REFERENCE_OPTIONAL)})")
-        known = {**_REFERENCE_KEYS, **_REFERENCE_OPTIONAL}
-        unexpected = sorted(k_ for k_ in state_dict if isinstance(k_, str) and k_.startswith(prefix)
-                            and k_[len(prefix):] not in known)
-        if unexpected:
-            raise StateDictError(f"{what}: unexpected key(s) {unexpected} under prefix {prefix!r} (the authors' CRN "
-                                 f"has {sorted(known)}); pass prefix= to choose another module")
-        for name, (target, symbolic) in known.items():
-            key = prefix + name
-            if key not in state_dict:
-                continue
-            value = state_dict[key]
-            expected = tuple(sizes.get(s, s) if isinstance(s, str) else s for s in symbolic)
-            if not isinstance(value, Tensor) or tuple(value.shape) != expected:
-                raise StateDictError(f"{what}: {key!r} must have shape {expected} (C={c}, K={k} from "
-                                     f"{centroids_key!r}), found shape {_shape(value)}")
-            ours[target] = value.detach()
         for fixed in ("intra_norm", "power", "assignment"):
             if fixed in kwargs:
                 raise ValueError(f"{what}: {fixed} is fixed by the authors' forward (soft assignment, "
                                  "intra-normalisation, no power); build CRN(...) directly for another variant")
-        head = cls(c, k, normalize_input=normalize_input, bias="assign.bias" in ours, **kwargs)
-        dtype = centroids.dtype if centroids.is_floating_point() else torch.get_default_dtype()
-        head = head.to(dtype=dtype)
+        prefix = reference_prefix(state_dict, ["centroids", "crn.acc_w.weight"], what, prefix)
+        centroids = reference_tensor(state_dict, prefix + "centroids", what, dims=2)
+        sizes = {"K": centroids.shape[0], "C": centroids.shape[1]}
+        ours: Dict[str, Tensor] = {}
+        for name, (target, symbolic) in {**_REFERENCE_KEYS, **_REFERENCE_OPTIONAL}.items():
+            shape = tuple(sizes.get(s, s) if isinstance(s, str) else s for s in symbolic)
+            value = reference_tensor(state_dict, prefix + name, what, shape=shape,
+                                     optional=name in _REFERENCE_OPTIONAL)
+            if value is not None:
+                ours[target] = value
+        check_unexpected(state_dict, prefix, ["centroids", "conv", "crn"],
+                         {prefix + name for name in (*_REFERENCE_KEYS, *_REFERENCE_OPTIONAL)}, what)
+        head = cls(sizes["C"], sizes["K"], normalize_input=normalize_input, bias="assign.bias" in ours, **kwargs)
+        head = head.to(dtype=centroids.dtype if centroids.is_floating_point() else torch.get_default_dtype())
         ours["alpha"] = head.alpha.detach().clone()
         head.load_state_dict(ours)
         return head
-
-
-def _shape(value: Any) -> tuple[int, ...]:
-    return tuple(value.shape) if hasattr(value, "shape") else ()
-
-
-def _find_prefix(state_dict: Mapping[str, Any], prefix: Optional[str], what: str, error: type) -> str:
-    """The prefix of the authors' CRN keys: ``prefix`` (with or without its trailing dot) or, when None, the one
-    prefix ``p`` with ``p + "crn.acc_w.weight"`` and ``p + "centroids"`` both present."""
-    anchor = "crn.acc_w.weight"
-    if prefix:
-        for candidate in (prefix, prefix + "."):
-            if candidate + "centroids" in state_dict:
-                return candidate
-        raise error(f"{what}: missing key {prefix.rstrip('.') + '.centroids'!r}; keys under prefix {prefix!r}: "
-                    f"{sorted(k for k in state_dict if isinstance(k, str) and k.startswith(prefix))[:20]}")
-    if prefix == "" or "centroids" in state_dict:
-        if "centroids" not in state_dict:
-            raise error(f"{what}: missing key 'centroids'")
-        return ""
-    found = sorted(k[: -len(anchor)] for k in state_dict if isinstance(k, str) and k.endswith(anchor))
-    found = [p for p in found if (p == "" or p.endswith(".")) and p + "centroids" in state_dict]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        centroids = sorted(k for k in state_dict if isinstance(k, str) and k.endswith("centroids"))
-        raise error(f"{what}: missing key 'centroids' / 'crn.acc_w.weight' (under no prefix, 'aggregation.' or any "
-                    f"other); keys ending in 'centroids': {centroids[:10]}, {len(state_dict)} keys in all")
-    raise error(f"{what}: ambiguous, the authors' CRN keys appear under several prefixes {found}; pass prefix=")

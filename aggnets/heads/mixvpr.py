@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import functional as AF
 from ..registry import register_head
 from .base import HeadCapabilities, PoolingHead, check_positive_int
-from .convap import check_unexpected, reference_prefix, reference_tensor
+from .reference import StateDictError, check_unexpected, reference_prefix, reference_tensor
 
 __all__ = ["MixVPR"]
 
@@ -110,8 +110,6 @@ class MixVPR(PoolingHead):
         of them, or neither for a square map (N a perfect square; a wrong guess is never silent: another map size
         raises). ``resample`` as in the constructor. Takes the weights' dtype.
         """
-        from ..convert import StateDictError
-
         what = "MixVPR.from_reference"
         prefix = reference_prefix(state_dict, ["channel_proj.weight", "row_proj.weight"], what, prefix)
         channel_weight = reference_tensor(state_dict, prefix + "channel_proj.weight", what, dims=2)

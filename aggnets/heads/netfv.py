@@ -5,7 +5,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as AF
-from ..functional.precision import flush_tiny
 from ..registry import register_head
 from .base import HeadCapabilities, PoolingHead, check_positive_int
 
@@ -94,12 +93,12 @@ class NetFV(PoolingHead):
         """The GMM posteriors ``gamma_n(k) = w_k N(x_n; mu_k, sigma_k) / sum_j w_j N(x_n; mu_j, sigma_j)``
         (B, K, H, W) of every position of ``x`` (B, C, H, W) — the soft assignment of the forward pass. Columns of
         masked positions are all zero. Differentiable; float32 (or float64) even under autocast, like the forward;
-        posteriors below 2^-100 (float64: 2^-1000) are zero, as in the forward (:func:`AF.precision.flush_tiny`)."""
+        posteriors below 2^-100 (float64: 2^-1000) are zero, as in the forward (:func:`aggnets.functional.flush_tiny`)."""
         AF.check_feature_map(x, mask, self.in_channels, type(self).__name__)
         with torch.autocast(device_type=x.device.type, enabled=False):
             descriptors, valid, _ = AF.flatten_positions(AF.accumulation_dtype(x), mask)
             dtype = descriptors.dtype
-            posteriors = flush_tiny(AF.gmm_log_posteriors(descriptors, self.log_weights.to(dtype),
+            posteriors = AF.flush_tiny(AF.gmm_log_posteriors(descriptors, self.log_weights.to(dtype),
                                                           self.means.to(dtype), self.log_vars.to(dtype)).exp())
             if valid is not None:
                 posteriors = posteriors * valid
