@@ -131,6 +131,10 @@ def make_head(name, C=4, K=3, dtype=torch.float64, size=None):
         head = AH.NetFV.from_gmm(*rand_gmm(K, C))
     elif name == "fisher_vector":
         head = AH.FisherVector.from_gmm(*rand_gmm(K, C))
+    elif name == "salad":  # small MLPs (the authors' width is 512); no dropout, so train-mode outputs are exact
+        head = AH.SALAD(C, num_clusters=K, cluster_dim=5, token_dim=3, hidden_dim=8, dropout=0.0)
+    elif name == "boq":  # small widths (d = 8, two heads), so the battery runs at the sizes above
+        head = AH.BoQ(C, proj_channels=8, num_queries=3, num_layers=2, row_dim=2, num_heads=2)
     else:  # a head added later: build it generically (a fixed-size head for ``size``, through its size_args)
         kwargs = {"in_channels": C}
         size_args = capabilities(name).size_args

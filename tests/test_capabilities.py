@@ -48,6 +48,11 @@ FIELD = {
     "crn": {"codebook": "centroids", "l2_output": True, "fullgraph": False, "maps": ("assignment", "context"),
             "internals": ("alpha", "assign_weight_norm", "centroid_norm", "context_filter_norm",
                           "context_filter_bias")},
+    # SALAD: per-token MLPs, a transport plan over the set of valid tokens and a sum (orderless); the class token
+    # when the backbone has one. BoQ: a 3x3 convolution before the attention (positions matter); attention maps.
+    "salad": {"global_token": "optional", "orderless": True, "l2_output": True, "internals": ("dust_bin",),
+              "maps": ("assignment", "dustbin")},
+    "boq": {"l2_output": True, "maps": ("cross_attention",)},
 }
 
 

@@ -209,7 +209,36 @@ PINNED = {
             "context.filter3.weight": (32, "C", 3, 3), "context.filter3.bias": (32,),
             "context.filter5.weight": (32, "C", 5, 5), "context.filter5.bias": (32,),
             "context.filter7.weight": (20, "C", 7, 7), "context.filter7.bias": (20,)},
+    "salad": {"score_hidden.weight": (512, "C"), "score_hidden.bias": (512,), "score.weight": ("K", 512),
+              "score.bias": ("K",), "feature_hidden.weight": (512, "C"), "feature_hidden.bias": (512,),
+              "feature.weight": (128, 512), "feature.bias": (128,), "scene_hidden.weight": (512, "C"),
+              "scene_hidden.bias": (512,), "scene.weight": (256, 512), "scene.bias": (256,), "dust_bin": ()},
 }
+
+
+def _boq_keys(d=512, queries=32, layers=2, rows=32):
+    """BoQ's keys: the authors' (amaralibey/Bag-of-Queries src/boq.py), nn.MultiheadAttention's packed projections."""
+    attention = {"in_proj_weight": (3 * d, d), "in_proj_bias": (3 * d,), "out_proj.weight": (d, d),
+                 "out_proj.bias": (d,)}
+    norm = {"weight": (d,), "bias": (d,)}
+    keys = {"proj_c.weight": (d, "C", 3, 3), "proj_c.bias": (d,), "norm_input.weight": (d,), "norm_input.bias": (d,)}
+    for i in range(layers):
+        block = f"boqs.{i}."
+        keys.update({block + "encoder.self_attn." + k: v for k, v in attention.items()})
+        keys.update({block + "encoder.linear1.weight": (4 * d, d), block + "encoder.linear1.bias": (4 * d,),
+                     block + "encoder.linear2.weight": (d, 4 * d), block + "encoder.linear2.bias": (d,)})
+        for name in ("encoder.norm1", "encoder.norm2"):
+            keys.update({f"{block}{name}.{k}": v for k, v in norm.items()})
+        keys[block + "queries"] = (1, queries, d)
+        keys.update({block + "self_attn." + k: v for k, v in attention.items()})
+        keys.update({block + "norm_q." + k: v for k, v in norm.items()})
+        keys.update({block + "cross_attn." + k: v for k, v in attention.items()})
+        keys.update({block + "norm_out." + k: v for k, v in norm.items()})
+    keys.update({"fc.weight": (rows, layers * queries), "fc.bias": (rows,)})
+    return keys
+
+
+PINNED["boq"] = _boq_keys()
 
 
 def test_state_dict_keys_are_pinned():

@@ -270,3 +270,20 @@ def test_the_field_heads_train_on_the_embedded_default(tmp_path, overrides):
     metric = train(compose_train(*SMALL, *overrides, f"paths.output_dir={tmp_path}", "trainer.limit_train_batches=3"))
     assert metric is not None and 0.0 <= metric <= 1.0
     assert "test/acc" in tensorboard_tags(tmp_path)["scalars"]
+
+
+@pytest.mark.parametrize("head", ["salad", "boq"])
+def test_the_transformer_heads_train_on_a_dinov2_backbone(tmp_path, head):
+    """python train.py backbone=dinov2_vitb14 head=salad / boq (random and tiny: two blocks of width 48): the class
+    token reaches SALAD, a few steps train, and the heads' maps (SALAD's plan and dustbin share, BoQ's
+    cross-attention) are drawn over the patch grid in TensorBoard."""
+    vit = ["backbone=dinov2_vitb14", "backbone.weights=null",
+           "backbone.model_kwargs={embed_dim: 48, depth: 2, num_heads: 2}", "backbone.layer=-1",
+           "backbone.freeze=blocks.0"]
+    small_head = {"salad": ["head.num_clusters=4", "head.cluster_dim=8", "head.token_dim=4", "head.hidden_dim=16"],
+                  "boq": ["head.proj_channels=16", "head.num_queries=4", "head.row_dim=4", "head.num_heads=2"]}[head]
+    metric = train(compose_train(*SMALL, *vit, f"head={head}", *small_head, f"paths.output_dir={tmp_path}",
+                                 "trainer.limit_train_batches=3"))
+    assert metric is not None and 0.0 <= metric <= 1.0
+    maps = {"salad": {"head/assignment_map", "head/dustbin_map"}, "boq": {"head/cross_attention_map"}}[head]
+    assert maps <= tensorboard_tags(tmp_path)["images"]

@@ -87,11 +87,14 @@ def init_head_from_descriptors(head: nn.Module, descriptors: Any, *, scheme: Opt
                 "seconds": gmm.seconds}
     if head.normalize_input:
         descriptors = nn.functional.normalize(descriptors.float(), dim=1)
+    metric = getattr(head, "metric", "euclidean")  # VLAD(metric="cosine"): AnyLoc's cosine k-means
+    if metric != "euclidean":
+        fit_kwargs.setdefault("metric", metric)
     result = fit_kmeans(descriptors, k + ghosts, engine=engine, seed=seed, progress=progress, **iteration_kwargs,
                         **fit_kwargs)
     centroids = result.centroids
     if head.frozen:
-        chosen_alpha, scheme = float("inf"), "distance"
+        chosen_alpha, scheme = float("inf"), "cosine" if metric == "cosine" else "distance"
     else:
         has_bias = getattr(getattr(head, "assign", None), "bias", None) is not None
         scheme = scheme or ("distance" if has_bias else "cosine")

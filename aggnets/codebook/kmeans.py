@@ -23,9 +23,10 @@ from ._common import (as_descriptors, check_fit_arguments, check_k, chunks, clus
                       generator,
                       optional_import, progress_bar, result_dtype, timer, validated)
 
-__all__ = ["KMeansResult", "fit_kmeans", "kmeans_inertia", "assign_nearest", "KMEANS_ENGINES"]
+__all__ = ["KMeansResult", "fit_kmeans", "kmeans_inertia", "assign_nearest", "KMEANS_ENGINES", "KMEANS_METRICS"]
 
 KMEANS_ENGINES = ("torch", "faiss", "sklearn", "sklearn-full")
+KMEANS_METRICS = ("euclidean", "cosine")
 _PP_POOL = 16  # k-means++ draws from at most this many descriptors per centroid
 _SPLIT_EPS = 1.0 / 1024  # relative perturbation when an empty cluster takes half of the largest one (as faiss)
 
@@ -43,12 +44,17 @@ class KMeansResult:
 # --- one chunked pass: nearest centroid, inertia, and (optionally) the Lloyd sufficient statistics ----------------
 
 def _pass(x: Tensor, centroids: Tensor, chunk_size: int, sums: bool = True, labels: bool = False,
-          x_sq_total: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+          x_sq_total: Tensor | None = None, metric: str = "euclidean"
+          ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
     """(sum of x per cluster (K, C) float64 or None, counts (K,) float64, inertia sum (float64 scalar), labels).
 
-    ``x_sq_total``: the known sum of ``||x||^2`` (Lloyd iterations), which saves the per-row norms and clamping."""
+    ``x_sq_total``: the known sum of ``||x||^2`` (Lloyd iterations), which saves the per-row norms and clamping.
+    ``metric="cosine"``: the nearest centroid by cosine similarity, i.e. by the Euclidean distance to the unit
+    centroids ``c_k / ||c_k||`` (whose squared distances are the inertia)."""
     k, c = centroids.shape
     centroids = centroids.to(x.dtype)
+    if metric == "cosine":
+        centroids = torch.nn.functional.normalize(centroids, dim=1)
     minus_2c = (-2.0 * centroids).t()  # (C, K): addmm computes ||c||^2 - 2 x.c in one GEMM per chunk
     c_sq = (centroids * centroids).sum(dim=1)
     scores = torch.empty(min(chunk_size, x.shape[0]), k, dtype=x.dtype, device=x.device)
@@ -84,12 +90,19 @@ def _checked_centroids(x: Tensor, centroids: Any) -> Tensor:
     return centroids.to(device=x.device, dtype=x.dtype)
 
 
-def assign_nearest(x: Any, centroids: Any, chunk_size: int | None = None) -> Tensor:
-    """(N,) index of the nearest centroid (squared Euclidean distance) of every descriptor ``x`` (N, C)."""
+def assign_nearest(x: Any, centroids: Any, chunk_size: int | None = None, metric: str = "euclidean") -> Tensor:
+    """(N,) index of the nearest centroid of every descriptor ``x`` (N, C): by squared Euclidean distance, or by
+    cosine similarity with ``metric="cosine"``."""
     x = as_descriptors(x)
     centroids = _checked_centroids(x, centroids)
     chunk_size = chunk_size or default_chunk_size(x.shape[0], centroids.shape[0], x.shape[1])
-    return _pass(x, centroids, chunk_size, sums=False, labels=True)[3]
+    return _pass(x, centroids, chunk_size, sums=False, labels=True, metric=_checked_metric(metric))[3]
+
+
+def _checked_metric(metric: str) -> str:
+    if metric not in KMEANS_METRICS:
+        raise ValueError(f"metric must be one of {KMEANS_METRICS}, got {metric!r}")
+    return metric
 
 
 def kmeans_inertia(x: Any, centroids: Any, chunk_size: int | None = None) -> float:
@@ -179,7 +192,8 @@ def _fit_set(x: Tensor, k: int, max_points_per_centroid: int | None, n_total: in
 
 
 def _fit_torch(x: Tensor, k: int, init: Any, iters: int, tol: float, seed: int, max_points_per_centroid: int | None,
-               chunk_size: int | None, progress: bool, dist_on: bool, n_all: Tensor) -> tuple[Tensor, int]:
+               chunk_size: int | None, progress: bool, dist_on: bool, n_all: Tensor,
+               metric: str = "euclidean") -> tuple[Tensor, int]:
     rank, _ = D.rank_and_world(dist_on)
     n_total = int(n_all.sum())
     xs = _fit_set(x, k, max_points_per_centroid, n_total, int(n_all[0]), rank, seed)
@@ -201,7 +215,7 @@ def _fit_torch(x: Tensor, k: int, init: Any, iters: int, tol: float, seed: int, 
     xs_sq = sum((squared_norms(xs[s]).sum(dtype=torch.float64) for s in chunks(xs.shape[0], chunk)),
                 torch.zeros((), dtype=torch.float64, device=x.device))
     for n_iter in range(1, iters + 1):
-        sums, counts, inertia, _ = _pass(xs, centroids, chunk, x_sq_total=xs_sq)
+        sums, counts, inertia, _ = _pass(xs, centroids, chunk, x_sq_total=xs_sq, metric=metric)
         stats = D.all_reduce_sum(torch.cat([sums.flatten(), counts, inertia.view(1)]), dist_on)
         sums, counts = stats[:-k - 1].view(k, -1), stats[-k - 1:-1]
         current = float(stats[-1]) / fit_total  # inertia of the centroids before this update
@@ -246,7 +260,8 @@ def _fit_sklearn(x: Tensor, k: int, init: Any, iters: int, seed: int, full: bool
 
 def fit_kmeans(x: Any, k: int, *, engine: str = "torch", iters: int = 25, seed: int = 0, init: Any = "random",
                max_points_per_centroid: int | None = 256, tol: float = 1e-4, progress: bool = False,
-               distributed: bool | None = None, chunk_size: int | None = None) -> KMeansResult:
+               distributed: bool | None = None, chunk_size: int | None = None,
+               metric: str = "euclidean") -> KMeansResult:
     """k-means of descriptors ``x`` (N, C) (torch tensor on any device, or NumPy array) into ``k`` centroids.
 
     ``engine="torch"``: Lloyd iterations (at most ``iters``; stops when the inertia decreases by less than
@@ -265,8 +280,18 @@ def fit_kmeans(x: Any, k: int, *, engine: str = "torch", iters: int = 25, seed: 
     passes its own shard; rank 0 seeds from its shard and broadcasts; each Lloyd step all-reduces the statistics,
     so all ranks hold the same centroids; inertia and counts are global.
 
+    ``metric="cosine"`` (torch engine): cosine k-means as AnyLoc fits its vocabulary (Keetha et al., RA-L 2023, with
+    ``fast_pytorch_kmeans``' cosine mode): each descriptor goes to the centroid of highest cosine similarity, and
+    each centroid is the plain mean of its descriptors (not renormalised; pass unit-norm descriptors for AnyLoc's
+    setting). The inertia is then the mean squared distance to the unit centroids, ``2 - 2 cos`` for unit
+    descriptors.
+
     ``inertia`` and ``counts`` are always computed over all given descriptors by the same chunked pass.
     """
+    metric = _checked_metric(metric)
+    if metric == "cosine" and engine != "torch":
+        raise ValueError(f"metric='cosine' is implemented by the torch engine only, not engine={engine!r}; pass "
+                         "engine='torch'")
     dist_on = check_fit_arguments(engine, KMEANS_ENGINES, "k-means", distributed, iters)
     if max_points_per_centroid is not None and max_points_per_centroid < 1:
         raise ValueError(f"max_points_per_centroid must be a positive int or None, got {max_points_per_centroid!r}")
@@ -283,14 +308,14 @@ def fit_kmeans(x: Any, k: int, *, engine: str = "torch", iters: int = 25, seed: 
     with timer(x.device) as elapsed:
         if engine == "torch":
             centroids, n_iter = _fit_torch(x, k, init, iters, tol, seed, max_points_per_centroid, chunk_size,
-                                           progress, dist_on, n_all)
+                                           progress, dist_on, n_all, metric)
         elif engine == "faiss":
             centroids, n_iter = _fit_faiss(x, k, init, iters, seed, max_points_per_centroid, progress)
         else:
             centroids, n_iter = _fit_sklearn(x, k, init, iters, seed, full=engine == "sklearn-full")
         centroids = centroids.to(device=x.device, dtype=result_dtype(x))
         chunk = chunk_size or default_chunk_size(x.shape[0], k, x.shape[1])
-        _, counts, inertia, _ = _pass(x, centroids, chunk, sums=False)
+        _, counts, inertia, _ = _pass(x, centroids, chunk, sums=False, metric=metric)
         totals = D.all_reduce_sum(torch.cat([counts, inertia.view(1)]), dist_on)
     return KMeansResult(centroids=centroids, inertia=float(totals[-1]) / int(n_all.sum()),
                         counts=totals[:-1].round().long(), n_iter=n_iter, engine=engine, seconds=elapsed[0])

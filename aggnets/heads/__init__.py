@@ -1,6 +1,7 @@
 """Pooling heads: (B, C, H, W) feature map [+ (B, H, W) bool mask] [+ (B, C) global token] -> (B, out_dim)
 descriptor."""
 from .base import HeadCapabilities, PoolingHead
+from .boq import BoQ
 from .class_token import ClassToken
 from .convap import ConvAP
 from .crn import CRN
@@ -13,6 +14,7 @@ from .netvlad import VLAD, NetVLAD
 from .norm import ContextGating, IntraNorm, L2Norm, PowerNorm, Whitening
 from .pyramid import SpatialPyramid
 from .rmac import RMAC
+from .salad import SALAD
 
 __all__ = [
     "PoolingHead", "HeadCapabilities", "MAC", "SPoC", "GeM", "CroW", "RMAC", "SpatialPyramid", "NetVLAD", "VLAD",
@@ -21,3 +23,4 @@ __all__ = [
 ]
 __all__ += ["MixVPR", "ConvAP", "CosPlace"]
 __all__ += ["CRN"]
+__all__ += ["SALAD", "BoQ"]

@@ -62,15 +62,14 @@ class ConvAssignmentHead(PoolingHead):
 
         ``"distance"``: ``w_k = 2 alpha c_k``, ``b_k = -alpha ||c_k||^2``, so ``a = softmax_k(-alpha ||x - c_k||^2)``;
         ``alpha = inf`` switches to hard nearest-centroid assignment (``alpha`` = 1 in the weights).
-        ``"cosine"``: ``w_k = alpha c_k / ||c_k||``, ``b = 0``.
+        ``"cosine"``: ``w_k = alpha c_k / ||c_k||``, ``b = 0``; with ``alpha = inf``, hard assignment to the
+        centroid of highest cosine similarity (AnyLoc's VLAD).
         """
         if scheme not in ("distance", "cosine"):
             raise ValueError(f"{type(self).__name__}: scheme must be 'distance' or 'cosine', got {scheme!r}")
         hard = math.isinf(alpha)
         if not alpha > 0:
             raise ValueError(f"{type(self).__name__}: alpha must be positive (or inf), got {alpha}")
-        if hard and scheme != "distance":
-            raise ValueError(f"{type(self).__name__}: alpha=inf needs scheme='distance'")
         scale = 1.0 if hard else float(alpha)
         centroids = centroids.to(self.assign.weight)
         if scheme == "distance":

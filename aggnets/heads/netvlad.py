@@ -101,12 +101,30 @@ class VLAD(NetVLAD):
 
     Defaults follow the paper: raw descriptors, no intra-normalisation, no power normalisation; the later variants
     are options (``intra_norm=True``, ``power=0.5``). Build it with ``VLAD.from_centroids(centroids)``.
+
+    ``metric``: how a descriptor finds its centroid, ``"euclidean"`` (the paper's nearest centroid) or ``"cosine"``
+    (the highest cosine similarity ``x . c_k / ||c_k||``: AnyLoc's VLAD, Keetha et al., RA-L 2023, with
+    ``normalize_input=True, intra_norm=True``). The codebook fit follows it (:func:`aggnets.codebook.fit_kmeans`
+    with ``metric="cosine"``: cosine assignments, mean centroids), and the residuals are always ``x - c_k`` to the
+    fitted (mean) centroids. The assignment scheme of :meth:`load_centroids` / ``from_centroids`` comes from
+    ``metric`` (their ``scheme`` argument is not used).
     """
 
     frozen = True
     default_alpha = float("inf")
+    metric: str
 
     def __init__(self, in_channels: int, num_clusters: int = 64, *, normalize_input: bool = False,
-                 intra_norm: bool = False, power: Optional[float] = None) -> None:
+                 intra_norm: bool = False, power: Optional[float] = None, metric: str = "euclidean") -> None:
+        if metric not in ("euclidean", "cosine"):
+            raise ValueError(f"VLAD: metric must be 'euclidean' or 'cosine', got {metric!r}")
+        self.metric = metric
         super().__init__(in_channels, num_clusters, alpha=float("inf"), normalize_input=normalize_input,
                          intra_norm=intra_norm, power=power, bias=True, assignment="hard")
+
+    def set_assignment_from_centroids(self, centroids: Tensor, alpha: float, scheme: str = "distance") -> None:
+        """Hard assignment from (K, C) centroids by :attr:`metric` (the ``scheme`` argument is not used)."""
+        super().set_assignment_from_centroids(centroids, alpha, "cosine" if self.metric == "cosine" else "distance")
+
+    def _options(self) -> list[str]:
+        return [*super()._options(), *([f"metric={self.metric!r}"] if self.metric != "euclidean" else [])]
