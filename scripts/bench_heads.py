@@ -41,6 +41,8 @@ from published import convap as published_convap
 from published import cosplace as published_cosplace
 from published import crn as published_crn
 from published import mixvpr as published_mixvpr
+from published import boq as published_boq
+from published import salad as published_salad
 
 
 # --- naive formulations kept for comparison (what the fast heads replace) ----------------------------------------
@@ -98,6 +100,14 @@ class Published(torch.nn.Module):
         return self.module(x)
 
 
+class PublishedWithToken(Published):
+    """A published formulation that takes ``(map, token)``; the token is the map's mean, what an aggnets head
+    substitutes on a backbone without one (the benchmark's random maps have no class token)."""
+
+    def forward(self, x, mask=None):
+        return self.module((x, x.mean(dim=(2, 3))))
+
+
 def published(head: torch.nn.Module, module) -> Published:
     return Published(module.from_head(head), head.out_dim)
 
@@ -150,11 +160,17 @@ FIELD_CASES: dict[str, tuple[Callable[[int, int], torch.nn.Module], int, int]] =
     "ghostvlad_loop": (lambda c, k: NetVLADLoop(c, k, ghost_clusters=1), 1024, 20),
     "supervlad": (lambda c, k: heads.NetVLAD(c, 4, ghost_clusters=1, residual=False), 1024, 20),
     "supervlad_loop": (lambda c, k: NetVLADLoop(c, 4, ghost_clusters=1, residual=False), 1024, 20),
+    # SALAD on DINOv2 ViT-B/14 at 322 px (C = 768, 23 x 23; m = 64, l = 128, g = 256); BoQ on ResNet-50 layer3 at 320 px
+    "salad": (lambda c, k: heads.SALAD(c), 768, 23),
+    "salad_published": (lambda c, k: PublishedWithToken(published_salad.from_head(heads.SALAD(c)), 8448), 768, 23),
+    "boq": (lambda c, k: heads.BoQ(c), 1024, 20),
+    "boq_published": (lambda c, k: published(heads.BoQ(c), published_boq), 1024, 20),
 }
 # (fast, slow): the note of the slow row gives its time over the fast one's
 COMPARED = (("netvlad", "netvlad_loop"), ("netvlad", "netvlad_broadcast"), ("rmac", "rmac_loop"), ("gem", "gem_plain"),
             ("mixvpr", "mixvpr_published"), ("convap", "convap_published"), ("cosplace", "cosplace_published"),
-            ("crn", "crn_published"), ("ghostvlad", "ghostvlad_loop"), ("supervlad", "supervlad_loop"))
+            ("crn", "crn_published"), ("ghostvlad", "ghostvlad_loop"), ("supervlad", "supervlad_loop"),
+            ("salad", "salad_published"), ("boq", "boq_published"))
 
 
 def _rss_bytes() -> int:
