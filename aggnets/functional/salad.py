@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import is_tracing
+from .masking import zero_masked
 from .norm import accumulation_dtype, l2_normalize
 from .precision import bmm_full_range, flush_tiny
 
@@ -106,9 +107,7 @@ def salad(x: Tensor, token: Tensor, hidden_weight: Tensor, hidden_bias: Tensor, 
     (index ``j m + k``), concatenated after ``L2(g)``, L2. out_dim = m l + g. Masked tokens are zeroed before the
     MLPs and carry no mass in the plan.
     """
-    x = accumulation_dtype(x)
-    if mask is not None:
-        x = torch.where(mask.unsqueeze(1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    x = zero_masked(accumulation_dtype(x), mask)
     tokens = x.flatten(2).transpose(1, 2)                                                     # (B, n, C)
     scores, features = salad_scores_and_features(tokens, hidden_weight, hidden_bias, score_weight, score_bias,
                                                  feature_weight, feature_bias, dropout, training)

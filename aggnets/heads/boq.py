@@ -133,10 +133,7 @@ class BoQ(PoolingHead):
 
     def _tokens(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         """The normalised projected tokens (B, n, d); masked positions zeroed before the convolution."""
-        x = AF.accumulation_dtype(x)
-        if mask is not None:
-            x = torch.where(mask.unsqueeze(1), x, torch.zeros((), dtype=x.dtype, device=x.device))
-        x = self.proj_c(x)
+        x = self.proj_c(AF.zero_masked(AF.accumulation_dtype(x), mask))
         return self.norm_input(x.flatten(2).transpose(1, 2))
 
     def pool(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:

@@ -87,9 +87,7 @@ class SALAD(PoolingHead):
         """The plan (B, m + 1, H, W) over the map, scaled by n + m (each valid column sums to 1), the dustbin's row
         last, exactly as the forward pass computes it (dropout as the module's mode); zero at masked positions."""
         AF.check_feature_map(x, mask, self.in_channels, "SALAD")
-        work = AF.accumulation_dtype(x)
-        if mask is not None:
-            work = AF.zero_masked(work, mask)
+        work = AF.zero_masked(AF.accumulation_dtype(x), mask)
         hidden_weight, hidden_bias = self._hidden()
         scores, _ = AF.salad_scores_and_features(work.flatten(2).transpose(1, 2), hidden_weight, hidden_bias,
                                                  self.score.weight, self.score.bias, self.feature.weight,
