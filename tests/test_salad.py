@@ -55,13 +55,18 @@ def reference_plan(S, z, iters=3):
     return (n + m) * (u[:, None] * K * v[None, :])
 
 
-def reference_salad(sd, x, t, prefix="", valid=None):
-    """SALAD of each image from the authors' tensors: x (B, C, H, W), t (B, C); ``valid`` (B, H, W) picks the tokens."""
+def reference_salad(sd, x, t, prefix="", valid=None, keep=None, dropped=0.0):
+    """SALAD of each image from the authors' tensors: x (B, C, H, W), t (B, C); ``valid`` (B, H, W) picks the tokens.
+    ``keep`` (B, H * W, 2 * hidden) 0 / 1: the dropout masks of the score MLP's hidden units (first half) and the
+    feature MLP's (second half), applied as the authors' Conv -> Dropout -> ReLU with drop probability ``dropped``."""
     p = {k[len(prefix):]: v.numpy() for k, v in sd.items()}
 
-    def mlp(tokens, first, second):  # tokens (n, C); the 1x1 convs as matrices
+    def mlp(tokens, first, second, kept=None):  # tokens (n, C); the 1x1 convs as matrices
         w1, w2 = p[first + ".weight"].reshape(p[first + ".weight"].shape[0], -1), p[second + ".weight"]
-        hidden = np.maximum(tokens @ w1.T + p[first + ".bias"], 0.0)
+        hidden = tokens @ w1.T + p[first + ".bias"]
+        if kept is not None:
+            hidden = hidden * kept / (1.0 - dropped)
+        hidden = np.maximum(hidden, 0.0)
         return hidden @ w2.reshape(w2.shape[0], -1).T + p[second + ".bias"]
 
     out = []
@@ -69,8 +74,12 @@ def reference_salad(sd, x, t, prefix="", valid=None):
         tokens = image.reshape(image.shape[0], -1).T                      # (N, C)
         if valid is not None:
             tokens = tokens[valid[i].flatten().numpy()]
-        S = mlp(tokens, "score.0", "score.3").T                           # (m, n)
-        f = mlp(tokens, "cluster_features.0", "cluster_features.3").T     # (l, n)
+        kept = [None, None]
+        if keep is not None:
+            width = p["score.0.weight"].shape[0]
+            kept = [keep[i].numpy()[:, :width], keep[i].numpy()[:, width:]]
+        S = mlp(tokens, "score.0", "score.3", kept[0]).T                  # (m, n)
+        f = mlp(tokens, "cluster_features.0", "cluster_features.3", kept[1]).T     # (l, n)
         g = mlp(t[i].numpy()[None], "token_features.0", "token_features.2")[0]
         P = reference_plan(S, float(p["dust_bin"]))[:-1]
         l, m = f.shape[0], P.shape[0]
@@ -171,6 +180,21 @@ def test_dropout_acts_in_train_mode_only():
     head.eval()
     torch.testing.assert_close(head(x, None, t), head(x, None, t), rtol=0, atol=0)
     assert from_reference("salad", authors_state(5)).dropout == 0.3
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5])
+def test_train_mode_equals_the_equations_with_the_dropout_masks_it_drew(p):
+    """The masks are drawn from the global generator, so the same seed draws them again for the reference: one
+    independent mask per hidden unit of each MLP and token, the 1 / (1 - q) scale of inverted dropout."""
+    sd = authors_state(5)
+    head = from_reference("salad", sd, dropout=p).train()
+    x, t = _inputs()
+    torch.manual_seed(3)
+    got = head(x, None, t)
+    torch.manual_seed(3)
+    keep, dropped = AF.dropout_keep(torch.empty(2, 12, 12, dtype=DT), p)
+    assert abs(dropped - p) <= 2.0 ** -17 and 0.0 < float(keep.mean()) < 1.0
+    torch.testing.assert_close(got, reference_salad(sd, x, t, keep=keep, dropped=dropped), rtol=0, atol=1e-12)
 
 
 def test_the_global_token_comes_from_the_vit_and_the_mean_stands_in_on_a_cnn():

@@ -12,6 +12,7 @@ from .convap import convap, convap_cell_weights
 from .cosplace import cosplace
 from .mixvpr import feature_mix, mixvpr
 from .precision import flush_tiny, linear_full_range
+from .dropout import dropout_keep, relu_dropout
 from .salad import salad, salad_plan, salad_scores_and_features, sinkhorn_dustbin
 from .boq import attention_weights, multi_head_attention
 
@@ -22,4 +23,4 @@ __all__ = [
 ]
 __all__ += ["convap", "convap_cell_weights", "linear_full_range", "cosplace", "feature_mix", "mixvpr"]
 __all__ += ["crn", "crn_context", "context_pool", "flush_tiny"]
-__all__ += ["salad", "salad_plan", "salad_scores_and_features", "sinkhorn_dustbin", "attention_weights", "multi_head_attention"]
+__all__ += ["dropout_keep", "relu_dropout", "salad", "salad_plan", "salad_scores_and_features", "sinkhorn_dustbin", "attention_weights", "multi_head_attention"]

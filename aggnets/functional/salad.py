@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import is_tracing
+from .dropout import relu_dropout
 from .masking import zero_masked
 from .norm import accumulation_dtype, l2_normalize
 from .precision import bmm_full_range, flush_tiny
@@ -66,15 +67,13 @@ def salad_scores_and_features(tokens: Tensor, hidden_weight: Tensor, hidden_bias
     """The two token MLPs of SALAD with their first layers as one product: ``h = ReLU(drop(W_h x + b_h))`` with
     ``W_h`` = [score rows; feature rows] (2 * 512, C); the first half of ``h`` gives the scores ``S = W_s h_s + b_s``
     (B, n, m), the second the features ``f = W_f h_f + b_f`` (B, n, l). ``tokens`` (B, n, C). Dropout (train mode
-    only) draws an independent mask per hidden unit, as the authors' two dropout calls do."""
-    hidden = F.linear(tokens, hidden_weight, hidden_bias)
-    if dropout > 0.0 and training:
-        hidden = F.dropout(hidden, dropout, True)
-    hidden = torch.relu(hidden)
-    width = score_weight.shape[1]
-    scores = F.linear(hidden[..., :width], score_weight, score_bias)
-    features = F.linear(hidden[..., width:], feature_weight, feature_bias)
-    return scores, features
+    only) draws an independent mask per hidden unit, as the authors' two dropout calls do; its 1 / (1 - p) scale
+    multiplies ``W_s``, ``W_f`` rather than h (:func:`~aggnets.functional.dropout.relu_dropout`)."""
+    hidden, scale = relu_dropout(F.linear(tokens, hidden_weight, hidden_bias), dropout, training)
+    score_hidden, feature_hidden = hidden.split(score_weight.shape[1], dim=-1)  # split: its backward is one cat
+    if scale != 1.0:
+        score_weight, feature_weight = score_weight * scale, feature_weight * scale
+    return F.linear(score_hidden, score_weight, score_bias), F.linear(feature_hidden, feature_weight, feature_bias)
 
 
 def salad_plan(scores: Tensor, dust_bin: Tensor, mask: Optional[Tensor], iters: int = 3) -> Tensor:

@@ -36,7 +36,8 @@ class SALAD(PoolingHead):
     image with its mask gives the unpadded descriptor. n <= m valid tokens: the dustbin gets no mass (the paper's
     ``log(n - m)`` is undefined; see :func:`~aggnets.functional.sinkhorn_dustbin`): finite, never NaN.
 
-    ``dropout`` (default 0.3, the authors') acts in train mode after the first layer of the two token MLPs.
+    ``dropout`` (default 0.3, the authors') acts in train mode after the first layer of the two token MLPs (on CPU
+    with p rounded to a multiple of 2^-16 and the matching scale: :func:`aggnets.functional.relu_dropout`).
     Parameters (``nn.Linear``): ``score_hidden``, ``score``, ``feature_hidden``, ``feature``, ``scene_hidden``,
     ``scene`` (the MLP of g), and ``dust_bin`` (0-d, init 1); the MLP layers start as the authors' (PyTorch's ``Conv2d`` /
     ``Linear`` defaults). :meth:`from_reference` loads the authors' state dict (``score.0`` / ``score.3``,
