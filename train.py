@@ -1,7 +1,8 @@
 """Train a backbone + pooling head under Lightning, configured by Hydra (conf/train.yaml).
 
     python train.py                                   # the embedded default: motifs, about 1 min on a 2-core CPU
-    python train.py backbone=resnet50 backbone.layer=layer3 head=gem data=image_folder data.root=/data/x
+    python train.py backbone=resnet50 backbone.layer=layer3 head=gem data=image_folder data.train.root=/data/x \
+        data.num_classes=10
     python train.py experiment=fashion_mnist_netvlad  # a ready-made combination (conf/experiment/)
     python train.py -m hparams_search=motifs_netvlad  # a sweep (Hydra multirun)
 """

@@ -25,7 +25,7 @@ def _unknown(cfg: DictConfig, key: str) -> Optional[str]:
     for part in key.split("."):
         if not isinstance(node, DictConfig):
             return None  # inside a list or a value: leave it to Hydra
-        if part not in node:
+        if part not in node.keys():  # not `part in node`: OmegaConf answers False for a required (???) value
             where = ".".join(walked) or "the config"
             valid = sorted(str(k) for k in node.keys())
             close = difflib.get_close_matches(part, valid, n=1)
