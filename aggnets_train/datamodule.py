@@ -28,7 +28,8 @@ class ImageDataModule(L.LightningDataModule):
     stage uses ``val``).
 
     ``samples_per_class`` (K) switches the training loader to P x K batches: ``batch_size / K`` classes with K
-    images each (``batch_size`` must be a multiple of K). Under DDP, Lightning shards every loader per rank.
+    images each (``batch_size`` must be a multiple of K); ``each_class_once``: an epoch visits every class once
+    (GSV-Cities' epoch: every place, K of its images), else an epoch is about as many images as the set holds. Under DDP, Lightning shards every loader per rank.
     The training order depends only on ``seed`` and the epoch (``seed=None``: the run's seed, ``train.py`` sets it).
 
     P x K batches come from :class:`~aggnets_train.resumable.ClassBalancedSampler` rather than
@@ -39,11 +40,13 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, train: Dataset, val: Optional[Dataset] = None, test: Optional[Dataset] = None, *,
                  num_classes: Optional[int] = None, batch_size: int = 64, eval_batch_size: Optional[int] = None,
                  num_workers: int = 0, samples_per_class: Optional[int] = None, pin_memory: bool = False,
-                 drop_last: bool = True, seed: Optional[int] = None) -> None:
+                 drop_last: bool = True, seed: Optional[int] = None, each_class_once: bool = False) -> None:
         super().__init__()
         if samples_per_class is not None and (samples_per_class < 2 or batch_size % samples_per_class):
             raise ValueError(f"data.samples_per_class must be >= 2 and divide data.batch_size ({batch_size}), "
                              f"got {samples_per_class}")
+        if each_class_once and samples_per_class is None:
+            raise ValueError("data.each_class_once needs P x K batches: set data.samples_per_class (K)")
         if samples_per_class is not None:
             classes = len(torch.unique(dataset_targets(train)))
             if batch_size // samples_per_class > classes:
@@ -55,6 +58,7 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.samples_per_class = samples_per_class
+        self.each_class_once = each_class_once
         self.pin_memory = pin_memory
         self.drop_last = drop_last
         self.seed = seed
@@ -75,7 +79,8 @@ class ImageDataModule(L.LightningDataModule):
             sampler = EpochShuffleSampler(len(self.train_set), seed=seed, item_seeds=item_seeds)
         else:
             sampler = ClassBalancedSampler(dataset_targets(self.train_set), self.samples_per_class, self.batch_size,
-                                           length=len(self.train_set), seed=seed, item_seeds=item_seeds)
+                                           length=len(self.train_set), seed=seed, item_seeds=item_seeds,
+                                           each_class_once=self.each_class_once)
         self._train_loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                                              drop_last=drop_last, seed=seed, num_workers=self.num_workers,
                                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)

@@ -72,11 +72,13 @@ class ClassBalancedSampler(_EpochSampler):
 
     Classes are drawn uniformly per batch; within a class the images are cycled through in a fresh random order, so
     every image is seen before any repeats. Classes with fewer than K images repeat images within the batch.
-    ``item_seeds`` as in :class:`EpochShuffleSampler`.
+    ``each_class_once=True``: an epoch is one random permutation of the classes cut into batches of P (the last
+    incomplete batch dropped), K images of each (``length`` ignored): GSV-Cities' epoch, every place once with K
+    of its images. ``item_seeds`` as in :class:`EpochShuffleSampler`.
     """
 
     def __init__(self, labels: Sequence[int], samples_per_class: int, batch_size: int, length: Optional[int] = None,
-                 seed: int = 0, item_seeds: bool = False) -> None:
+                 seed: int = 0, item_seeds: bool = False, each_class_once: bool = False) -> None:
         super().__init__(seed)
         self.item_seeds = item_seeds
         labels = torch.as_tensor(labels).flatten()
@@ -88,7 +90,11 @@ class ClassBalancedSampler(_EpochSampler):
         if self.classes_per_batch > len(self.members):
             raise ValueError(f"{self.classes_per_batch} classes per batch, but the labels hold {len(self.members)}")
         self.batch_size = int(batch_size)
-        self.num_batches = max(1, (len(labels) if length is None else int(length)) // self.batch_size)
+        self.each_class_once = bool(each_class_once)
+        if self.each_class_once:
+            self.num_batches = len(self.members) // self.classes_per_batch
+        else:
+            self.num_batches = max(1, (len(labels) if length is None else int(length)) // self.batch_size)
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size
@@ -98,8 +104,13 @@ class ClassBalancedSampler(_EpochSampler):
         orders = [m[torch.randperm(len(m), generator=generator)] for m in self.members]
         cursors = [0] * len(orders)
         indices: list[int] = []
-        for _ in range(self.num_batches):
-            for c in torch.randperm(len(orders), generator=generator)[: self.classes_per_batch].tolist():
+        classes = torch.randperm(len(orders), generator=generator).tolist() if self.each_class_once else []
+        for batch in range(self.num_batches):
+            if self.each_class_once:
+                chosen = classes[batch * self.classes_per_batch:(batch + 1) * self.classes_per_batch]
+            else:
+                chosen = torch.randperm(len(orders), generator=generator)[: self.classes_per_batch].tolist()
+            for c in chosen:
                 order = orders[c]
                 for _ in range(self.k):
                     if cursors[c] == len(order):
