@@ -21,7 +21,8 @@ from aggnets.models import Embedder
 
 from .config import ConfigError, build, build_head
 
-__all__ = ["build_embedder", "list_images", "run_extract", "run_evaluate"]
+__all__ = ["build_embedder", "list_images", "run_extract", "run_evaluate", "run_evaluate_sets", "evaluate_place_set",
+           "place_recall_table"]
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,12 @@ def _fit_codebooks(embedder: Embedder, paths: list[str], cfg: DictConfig) -> Non
 
 def _extract(embedder: Embedder, paths: list[str], cfg: DictConfig, bboxes: Optional[list] = None) -> Tensor:
     e = cfg.extraction
+    size = e.get("size")
     return R.extract_descriptors(embedder, paths, batch_size=int(e.batch_size), max_size=e.max_size,
                                  scales=tuple(e.scales), multiscale=e.multiscale, bboxes=bboxes,
-                                 device=cfg.get("device"), progress=True)
+                                 device=cfg.get("device"), progress=True,
+                                 size=None if size is None else tuple(int(v) for v in size),
+                                 resample=e.get("resample", "bicubic"))
 
 
 def run_extract(cfg: DictConfig) -> str:
@@ -232,9 +236,12 @@ def _evaluate(protocol: str, scores: Any, inputs: dict, cfg: DictConfig) -> dict
     return R.recall_at_n(scores, query_pos, db_pos, ns=tuple(cfg.eval.recall_ns), threshold=float(cfg.eval.threshold))
 
 
-def run_evaluate(cfg: DictConfig) -> dict[str, float]:
+def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Extract, post-process, search and evaluate; prints a table, writes results.json and the descriptors to
-    ``output_dir`` and, for a checkpoint, logs the metrics into the training run's TensorBoard."""
+    ``output_dir`` and, for a checkpoint, logs the metrics into the training run's TensorBoard. With ``eval.sets``:
+    :func:`run_evaluate_sets`."""
+    if cfg.eval.get("sets"):
+        return run_evaluate_sets(cfg)
     embedder, info = build_embedder(cfg)
     inputs = _protocol_inputs(cfg)
     if not cfg.get("checkpoint"):
@@ -279,3 +286,84 @@ def _log_to_run(info: dict, protocol: str, results: dict[str, float]) -> None:
             writer.add_scalar(f"retrieval/{protocol}/{key}", value, info["global_step"])
     writer.close()
     print(f"metrics logged to {directory} (tags retrieval/{protocol}/...)")
+
+
+def _set_names(sets: Any) -> list[str]:
+    if isinstance(sets, str):
+        return [name.strip() for name in sets.split(",") if name.strip()]
+    return [str(name) for name in sets]
+
+
+def evaluate_place_set(embedder: Embedder, place_set: R.PlaceSet, cfg: DictConfig,
+                       fit_codebooks: bool = False) -> tuple[dict[str, float], Tensor, Tensor]:
+    """recall@N (``eval.recall_ns``) of one set: descriptors of its database and queries (``extraction``),
+    post-processed (``post``), the top max(N) database images of each query (exact, or ``search.index``)."""
+    if fit_codebooks:
+        _fit_codebooks(embedder, place_set.database, cfg)
+    database = _extract(embedder, place_set.database, cfg).cpu()
+    queries = _extract(embedder, place_set.queries, cfg).cpu()
+    queries, database = _post_process(queries.float(), database.float(), cfg)
+    ns = tuple(int(n) for n in cfg.eval.recall_ns)
+    k = min(max(ns), len(database))
+    search = cfg.get("search") or {}
+    if search.get("index"):
+        _, ranks = R.approximate_knn(queries.numpy(), database.numpy(), k, index=search.index,
+                                     nprobe=int(search.get("nprobe", 16)))
+    else:
+        _, ranks = R.knn(queries.numpy(), database.numpy(), k)
+    return R.recall_at_n_positives(ranks, place_set.positives, [n for n in ns if n <= k]), queries, database
+
+
+def run_evaluate_sets(cfg: DictConfig) -> dict[str, Any]:
+    """One model on many place-recognition sets (``eval.sets`` under ``eval.root``): prints the papers' table
+    (R@N per set), writes ``results.json`` ({set: {R@1: .., ...}}) and each set's descriptors to ``output_dir``,
+    and logs ``retrieval/<set>/R@N`` to TensorBoard (the training run's for a checkpoint, else
+    ``output_dir/tensorboard``). A model built from config with codebook heads (e.g. AnyLoc) fits its codebook on
+    each set's database images before describing that set."""
+    from .vpr_sets import build_place_set
+
+    names = _set_names(cfg.eval.sets)
+    ev = cfg.eval
+    place_sets = [build_place_set(name, ev.get("root"), ev.get("index_root"), bool(ev.get("check_files", True)))
+                  for name in names]  # every layout checked before the first extraction
+    embedder, info = build_embedder(cfg)
+    output_dir = cfg.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    results: dict[str, dict[str, float]] = {}
+    for place_set in place_sets:
+        log.info("evaluating %r", place_set)
+        scores, queries, database = evaluate_place_set(embedder, place_set, cfg,
+                                                       fit_codebooks=not cfg.get("checkpoint"))
+        results[place_set.name] = scores
+        for part, values, paths in (("database", database, place_set.database),
+                                    ("queries", queries, place_set.queries)):
+            R.save_descriptors(os.path.join(output_dir, f"{place_set.name}_{part}.npy"), values.numpy(), paths,
+                               {"set": place_set.name})
+    with open(os.path.join(output_dir, "results.json"), "w") as handle:
+        json.dump({"results": results, "model": info}, handle, indent=1)
+    print(place_recall_table(results, tuple(int(n) for n in ev.recall_ns)), flush=True)
+    _log_sets(results, Path(info["run_dir"]) / "tensorboard" if info.get("run_dir") else
+              Path(output_dir) / "tensorboard", int(info.get("global_step", 0)))
+    return results
+
+
+def place_recall_table(results: dict[str, dict[str, float]], ns: tuple[int, ...]) -> str:
+    """The papers' table: one row per set, R@N in percent, and the number of queries."""
+    lines = ["| set | " + " | ".join(f"R@{n}" for n in ns) + " | queries |",
+             "|---|" + "---:|" * (len(ns) + 1)]
+    for name, values in results.items():
+        cells = [f"{values[f'R@{n}']:.1f}" if f"R@{n}" in values else "-" for n in ns]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {values['queries']} |")
+    return "\n".join(lines)
+
+
+def _log_sets(results: dict[str, dict[str, float]], directory: Path, step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(directory))
+    for name, values in results.items():
+        for key, value in values.items():
+            if key.startswith("R@"):
+                writer.add_scalar(f"retrieval/{name}/{key}", value, step)
+    writer.close()
+    print(f"metrics logged to {directory} (tags retrieval/<set>/R@N)")

@@ -110,6 +110,25 @@ def _resized(height: int, width: int, max_size: Optional[int], upscale: bool) ->
     return max(1, round(height * factor)), max(1, round(width * factor))
 
 
+RESAMPLE_METHODS = ("bicubic", "bilinear")
+
+
+def _check_size(size: Any) -> Optional[tuple[int, int]]:
+    if size is None:
+        return None
+    values = list(size) if isinstance(size, (list, tuple)) or hasattr(size, "__len__") else None
+    if values is None or len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                      for v in values):
+        raise ValueError(f"size must be None or (height, width), two positive ints, got {size!r}")
+    return int(values[0]), int(values[1])
+
+
+def _check_resample(resample: str) -> str:
+    if resample not in RESAMPLE_METHODS:
+        raise ValueError(f"resample must be one of {RESAMPLE_METHODS}, got {resample!r}")
+    return resample
+
+
 def _check_file(path: PathLike) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -118,15 +137,16 @@ def _check_file(path: PathLike) -> str:
 
 
 def load_image(path: PathLike, max_size: Optional[int] = 1024, bbox: Optional[BBox] = None, *,
-               upscale: bool = True) -> Tensor:
+               upscale: bool = True, size: Optional[Sequence[int]] = None, resample: str = "bicubic") -> Tensor:
     """An image file as a float32 (3, h, w) tensor in [0, 1], at its native aspect ratio.
 
     Any PIL mode is converted to RGB by :func:`aggnets.data.decode.to_rgb` (16-bit scaled to 8 bits, transparency
     composited onto white); a file that cannot be decoded raises :class:`~aggnets.data.decode.UnreadableImageError`.
     ``bbox`` = (x1, y1, x2, y2) in the original pixel coordinates (rounded to ints, as PIL does) crops the image
     *before* resizing (the revisited Oxford/Paris protocol crops the queries). The image (or crop) is then resized,
-    antialiased (PIL bicubic), so that its longer side is ``max_size`` (``None``: no resizing; ``upscale=False``:
-    smaller images keep their size).
+    antialiased (PIL, ``resample`` "bicubic" or "bilinear"), so that its longer side is ``max_size`` (``None``: no
+    resizing; ``upscale=False``: smaller images keep their size); or, with ``size`` = (h, w), to exactly that size
+    whatever its aspect ratio (the place-recognition papers' evaluation: 320 x 320, 322 x 322; ``max_size`` ignored).
     EXIF orientation tags are ignored (as the retrieval benchmarks do).
     """
     from PIL import Image
@@ -134,22 +154,27 @@ def load_image(path: PathLike, max_size: Optional[int] = 1024, bbox: Optional[BB
     from ..data.decode import open_rgb
 
     _check_max_size(max_size)
+    size = _check_size(size)
+    method = _check_resample(resample)
     path = _check_file(path)
     image = open_rgb(path)  # any mode to RGB (16-bit scaled, alpha on white); UnreadableImageError names the file
     box = _crop_box(bbox, image.width, image.height, path)
     if box is not None:
         image = image.crop(box)
-    height, width = _resized(image.height, image.width, max_size, upscale)
+    height, width = size or _resized(image.height, image.width, max_size, upscale)
     if (height, width) != (image.height, image.width):
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        image = image.resize((width, height), getattr(Image.Resampling, method.upper()))
     array = np.asarray(image, dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
-def _image_size(path: str, bbox: Optional[BBox], max_size: Optional[int], upscale: bool) -> tuple[int, int]:
+def _image_size(path: str, bbox: Optional[BBox], max_size: Optional[int], upscale: bool,
+                size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
     """The (h, w) that :func:`load_image` will return, read from the file header (no decoding)."""
     from PIL import Image
 
+    if size is not None:
+        return size
     with Image.open(path) as image:
         width, height = image.size
     box = _crop_box(bbox, width, height, path)
@@ -418,8 +443,10 @@ class _LayerMasking:
 class _Images(torch.utils.data.Dataset):
     """Item i: the (3, h, w) base image i (loaded from its path, or the given tensor cropped to its bbox)."""
 
-    def __init__(self, items: list, bboxes: list, max_size: Optional[int], upscale: bool) -> None:
+    def __init__(self, items: list, bboxes: list, max_size: Optional[int], upscale: bool,
+                 size: Optional[tuple[int, int]] = None, resample: str = "bicubic") -> None:
         self.items, self.bboxes, self.max_size, self.upscale = items, bboxes, max_size, upscale
+        self.size, self.resample = size, resample
 
     def __len__(self) -> int:
         return len(self.items)
@@ -427,10 +454,14 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Tensor:
         item, bbox = self.items[index], self.bboxes[index]
         if not isinstance(item, Tensor):
-            return load_image(item, self.max_size, bbox, upscale=self.upscale)
+            return load_image(item, self.max_size, bbox, upscale=self.upscale, size=self.size,
+                              resample=self.resample)
         if bbox is not None:
             x1, y1, x2, y2 = _crop_box(bbox, item.shape[2], item.shape[1], f"image {index}")
             item = item[:, y1:y2, x1:x2]
+        if self.size is not None and tuple(item.shape[1:]) != self.size:
+            item = torch.nn.functional.interpolate(item[None], size=self.size, mode=self.resample,
+                                                   antialias=True, align_corners=False)[0].clamp_(0.0, 1.0)
         return item
 
 
@@ -539,7 +570,8 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
                         batch_size: int = 16, max_size: Optional[int] = 1024, scales: Sequence[float] = (1.0,),
                         multiscale: str = "mean", gem_p: float = 3.0, bboxes: Optional[Sequence[Optional[BBox]]] = None,
                         device: Union[str, torch.device, None] = None, progress: bool = True,
-                        batching: str = "auto", upscale: bool = True, num_workers: int = 0) -> Tensor:
+                        batching: str = "auto", upscale: bool = True, num_workers: int = 0,
+                        size: Optional[Sequence[int]] = None, resample: str = "bicubic") -> Tensor:
     """(N, D) L2-normalised global descriptors of N images, in input order.
 
     ``model``: an :class:`aggnets.Embedder` (or a module with its ``features``, ``backbone_output`` and
@@ -547,7 +579,9 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
     projection, whitening, L2) of each image's map, i.e. equal to ``model(image)`` image by image.
     ``images_or_paths``: image files (loaded by :func:`load_image` with ``max_size`` / ``upscale``), (3, h, w)
     tensors in [0, 1] (used at their own size), or a (N, 3, H, W) tensor. ``bboxes``: one (x1, y1, x2, y2) or None
-    per image, in the file's (or tensor's) pixel coordinates, cropped before resizing.
+    per image, in the file's (or tensor's) pixel coordinates, cropped before resizing. ``size`` = (h, w): every
+    image (file or tensor) resized to exactly that size (``resample`` "bicubic" or "bilinear", antialiased), as the
+    place-recognition papers evaluate (``max_size`` then ignored).
 
     ``scales``: each image is also resized by ``s`` (bilinear, antialiased: longer side ``max_size * s``), each
     scale's descriptor is L2-normalised, then combined by ``multiscale="mean"`` or ``"gem"`` (power mean with
@@ -566,6 +600,8 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
         raise ValueError(f"extract_descriptors: batch_size must be a positive int, got {batch_size!r}")
     _check_max_size(max_size)
+    size = _check_size(size)
+    _check_resample(resample)
     scales = [scales] if isinstance(scales, (int, float)) else list(scales)
     if not scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0
                              for s in scales):
@@ -589,10 +625,10 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
         if isinstance(item, Tensor):
             item = items[index] = _as_image_tensor(item, index)
             box = _crop_box(bboxes[index], item.shape[2], item.shape[1], f"image {index}")
-            base_sizes.append((box[3] - box[1], box[2] - box[0]) if box else tuple(item.shape[1:]))
+            base_sizes.append(size or ((box[3] - box[1], box[2] - box[0]) if box else tuple(item.shape[1:])))
         elif isinstance(item, (str, os.PathLike)):
             items[index] = _check_file(item)
-            base_sizes.append(_image_size(items[index], bboxes[index], max_size, upscale))
+            base_sizes.append(_image_size(items[index], bboxes[index], max_size, upscale, size))
         else:
             raise TypeError(f"extract_descriptors: image {index} must be a path or a (3, h, w) tensor, "
                             f"got {type(item).__name__}")
@@ -611,7 +647,7 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
                                  f"{problem}; use batching='same_size' (exact) or 'padded' (approximate)")
             mode = "same_size"
     batches = _batches(base_sizes, batch_size, same_size=mode == "same_size")
-    loader = torch.utils.data.DataLoader(_Images(items, bboxes, max_size, upscale), batch_sampler=batches,
+    loader = torch.utils.data.DataLoader(_Images(items, bboxes, max_size, upscale, size, resample), batch_sampler=batches,
                                          collate_fn=_collate, num_workers=num_workers)
     results: list[Optional[Tensor]] = [None] * len(items)
     bar = _progress(len(items), progress)
