@@ -4,13 +4,16 @@ metric learning — with orders drawn from ``(seed, epoch)`` so that a run resum
 (:mod:`aggnets_train.resumable`)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from aggnets.retrieval import PlaceSet
+
 from .resumable import ClassBalancedSampler, EpochShuffleSampler, ResumableLoader
+from .vpr_sets import PlaceSetImages, build_place_set
 
 __all__ = ["ImageDataModule"]
 
@@ -32,6 +35,11 @@ class ImageDataModule(L.LightningDataModule):
     (GSV-Cities' epoch: every place, K of its images), else an epoch is about as many images as the set holds. Under DDP, Lightning shards every loader per rank.
     The training order depends only on ``seed`` and the epoch (``seed=None``: the run's seed, ``train.py`` sets it).
 
+    ``val_sets``: place-recognition sets validated on (names of ``conf/vpr/``, under ``val_root``; index files under
+    ``val_index_root`` when elsewhere), each a loader of its database and query images resized to
+    ``val_image_size`` (``val_resample``); the task logs ``val/<set>/R@N``. Without ``val`` and ``test`` sets they
+    are also the test loaders (``test/<set>/R@N``).
+
     P x K batches come from :class:`~aggnets_train.resumable.ClassBalancedSampler` rather than
     pytorch-metric-learning's ``MPerClassSampler``: that one draws from NumPy's global generator when an epoch
     starts, so a resumed run would see other batches.
@@ -40,7 +48,10 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, train: Dataset, val: Optional[Dataset] = None, test: Optional[Dataset] = None, *,
                  num_classes: Optional[int] = None, batch_size: int = 64, eval_batch_size: Optional[int] = None,
                  num_workers: int = 0, samples_per_class: Optional[int] = None, pin_memory: bool = False,
-                 drop_last: bool = True, seed: Optional[int] = None, each_class_once: bool = False) -> None:
+                 drop_last: bool = True, seed: Optional[int] = None, each_class_once: bool = False,
+                 val_sets: Optional[Sequence[str]] = None, val_root: Optional[str] = None,
+                 val_index_root: Optional[str] = None, val_image_size: Sequence[int] = (320, 320),
+                 val_resample: str = "bilinear") -> None:
         super().__init__()
         if samples_per_class is not None and (samples_per_class < 2 or batch_size % samples_per_class):
             raise ValueError(f"data.samples_per_class must be >= 2 and divide data.batch_size ({batch_size}), "
@@ -62,6 +73,11 @@ class ImageDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.drop_last = drop_last
         self.seed = seed
+        self.val_place_sets: list[PlaceSet] = []
+        if val_sets:
+            names = [val_sets] if isinstance(val_sets, str) else list(val_sets)
+            self.val_place_sets = [build_place_set(str(n), val_root, val_index_root, key="data") for n in names]
+        self.val_image_size, self.val_resample = tuple(int(v) for v in val_image_size), val_resample
         self._train_loader: Optional[ResumableLoader] = None
         self._resume_state: Optional[dict[str, Any]] = None
 
@@ -100,15 +116,35 @@ class ImageDataModule(L.LightningDataModule):
             self._train_loader.load_state_dict(self._resume_state)
             self._resume_state = None
 
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            return []
-        return self._loader(self.val_set, batch_size=self.eval_batch_size, shuffle=False)
+    @property
+    def val_kinds(self) -> list[tuple[str, Optional[PlaceSet]]]:
+        """What each validation loader holds, in order: ``("labels", None)`` (the labelled ``val`` set: leave-one-out
+        retrieval) and ``(name, place_set)`` per place-recognition set (database then queries, recall@N)."""
+        kinds: list[tuple[str, Optional[PlaceSet]]] = [("labels", None)] if self.val_set is not None else []
+        return kinds + [(p.name, p) for p in self.val_place_sets]
 
-    def test_dataloader(self) -> DataLoader:
+    def _place_loaders(self) -> list[DataLoader]:
+        return [self._loader(PlaceSetImages(p, self.val_image_size, self.val_resample),
+                             batch_size=self.eval_batch_size, shuffle=False) for p in self.val_place_sets]
+
+    def val_dataloader(self) -> Any:
+        loaders = [] if self.val_set is None else [self._loader(self.val_set, batch_size=self.eval_batch_size,
+                                                                shuffle=False)]
+        loaders += self._place_loaders()
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    @property
+    def test_kinds(self) -> list[tuple[str, Optional[PlaceSet]]]:
+        """As :attr:`val_kinds` for the test loaders: the ``test`` set (else ``val``), else the place sets."""
+        if self.test_set is not None or self.val_set is not None:
+            return [("labels", None)]
+        return [(p.name, p) for p in self.val_place_sets]
+
+    def test_dataloader(self) -> Any:
         dataset = self.test_set if self.test_set is not None else self.val_set
         if dataset is None:
-            return []
+            loaders = self._place_loaders()
+            return loaders[0] if len(loaders) == 1 else loaders
         return self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False)
 
     def codebook_dataset(self) -> Dataset:

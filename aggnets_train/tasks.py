@@ -14,7 +14,7 @@ from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 
 from aggnets.models import Classifier, Embedder
 
-__all__ = ["EmbeddingTask", "ClassificationTask", "MetricLearningTask", "retrieval_metrics"]
+__all__ = ["EmbeddingTask", "ClassificationTask", "MetricLearningTask", "retrieval_metrics", "place_recall"]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -168,6 +168,28 @@ def retrieval_metrics(embeddings: Tensor, labels: Tensor, ks: tuple[int, ...] = 
     return out
 
 
+def place_recall(embeddings: Tensor, indices: Tensor, place_set: Any, ks: tuple[int, ...] = (1, 5, 10)
+                 ) -> dict[str, float]:
+    """recall@k (percent) of a place-recognition set from the descriptors of its images (``indices`` into database
+    then queries, in any order, repeats allowed: a distributed sampler pads the last batch): each query's k nearest
+    database descriptors (inner product) against its positives (:func:`aggnets.retrieval.recall_at_n_positives`)."""
+    from aggnets.retrieval import knn, recall_at_n_positives
+
+    count = len(place_set.database) + len(place_set.queries)
+    table = embeddings.new_zeros((count, embeddings.shape[1]))
+    seen = torch.zeros(count, dtype=torch.bool, device=embeddings.device)
+    table[indices] = embeddings
+    seen[indices] = True
+    if not bool(seen.all()):
+        raise RuntimeError(f"{place_set.name}: descriptors of {int((~seen).sum())} of its {count} images are missing "
+                           "(trainer.limit_val_batches / limit_test_batches cut the set short? recall@N needs all)")
+    database, queries = table[: len(place_set.database)].cpu(), table[len(place_set.database):].cpu()
+    k = min(max(ks), len(database))
+    _, ranks = knn(queries, database, k, engine="torch")
+    result = recall_at_n_positives(ranks.numpy(), place_set.positives, [n for n in ks if n <= k])
+    return {key: float(value) for key, value in result.items() if key.startswith("R@")}
+
+
 class MetricLearningTask(EmbeddingTask):
     """backbone -> head -> (projection) -> L2 embedding, trained with a pytorch-metric-learning loss (and
     optional miner) on P x K batches; validated by leave-one-out retrieval (mAP, recall@k) over the whole
@@ -185,7 +207,7 @@ class MetricLearningTask(EmbeddingTask):
         self.loss = loss
         self.miner = miner
         self.recall_ks = tuple(recall_ks)
-        self._outputs: dict[str, list[tuple[Tensor, Tensor]]] = {"val": [], "test": []}
+        self._outputs: dict[str, dict[int, list[tuple[Tensor, Tensor]]]] = {"val": {}, "test": {}}
 
     def forward(self, images: Tensor) -> Tensor:
         return self.embed(images)
@@ -198,28 +220,41 @@ class MetricLearningTask(EmbeddingTask):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
         return loss
 
-    def _collect(self, batch: Any, stage: str) -> None:
+    def _collect(self, batch: Any, stage: str, dataloader_idx: int) -> None:
         images, labels = batch[0], batch[1]
-        self._outputs[stage].append((self(images).float().detach(), labels.detach()))
+        self._outputs[stage].setdefault(dataloader_idx, []).append((self(images).float().detach(), labels.detach()))
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._collect(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect(batch, "val", dataloader_idx)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._collect(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect(batch, "test", dataloader_idx)
+
+    def _kinds(self, stage: str) -> list:
+        """What each loader of ``stage`` holds (the data module's ``val_kinds`` / ``test_kinds``): a labelled set
+        by default, or ``(name, place_set)``."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return list(getattr(datamodule, f"{stage}_kinds", None) or [])
 
     def _evaluate(self, stage: str) -> None:
-        outputs, self._outputs[stage] = self._outputs[stage], []
-        if not outputs:
-            return
-        embeddings = torch.cat([e for e, _ in outputs])
-        labels = torch.cat([y for _, y in outputs])
-        if self.trainer.world_size > 1:
-            embeddings = self._gather(embeddings)
-            labels = self._gather(labels)
-        self.log(f"{stage}/queries", float(len(labels)), rank_zero_only=False)
-        for name, value in retrieval_metrics(embeddings, labels, self.recall_ks).items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("mAP", "recall@1"), rank_zero_only=False)
+        outputs, self._outputs[stage] = self._outputs[stage], {}
+        kinds = self._kinds(stage)
+        for index in sorted(outputs):
+            embeddings = torch.cat([e for e, _ in outputs[index]])
+            labels = torch.cat([y for _, y in outputs[index]])
+            if self.trainer.world_size > 1:
+                embeddings = self._gather(embeddings)
+                labels = self._gather(labels)
+            name, place_set = kinds[index] if index < len(kinds) else ("labels", None)
+            if place_set is None:
+                self.log(f"{stage}/queries", float(len(labels)), rank_zero_only=False, add_dataloader_idx=False)
+                for metric, value in retrieval_metrics(embeddings, labels, self.recall_ks).items():
+                    self.log(f"{stage}/{metric}", value, prog_bar=metric in ("mAP", "recall@1"),
+                             rank_zero_only=False, add_dataloader_idx=False)
+            else:
+                for metric, value in place_recall(embeddings, labels, place_set, self.recall_ks).items():
+                    self.log(f"{stage}/{name}/{metric}", value, prog_bar=metric == "R@1", rank_zero_only=False,
+                             add_dataloader_idx=False)
 
     def _gather(self, values: Tensor) -> Tensor:
         """All ranks' rows, concatenated (ranks may hold different counts)."""

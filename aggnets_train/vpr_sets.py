@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import Dataset
 
-from aggnets.retrieval import PlaceSet, folder_place_set, index_place_set
+from aggnets.retrieval import PlaceSet, folder_place_set, index_place_set, load_image
 
 from .config import ConfigError
 
-__all__ = ["VPR_CONF", "vpr_set_names", "vpr_set_config", "build_place_set"]
+__all__ = ["VPR_CONF", "vpr_set_names", "vpr_set_config", "build_place_set", "PlaceSetImages"]
 
 VPR_CONF = Path(__file__).resolve().parents[1] / "conf" / "vpr"
 _KEYS = {"folder": {"layout", "folder", "database", "queries", "threshold"},
@@ -44,13 +47,14 @@ def vpr_set_config(name: str) -> DictConfig:
 
 
 def build_place_set(name: str, root: Optional[str], index_root: Optional[str] = None,
-                    check_files: bool = True) -> PlaceSet:
+                    check_files: bool = True, key: str = "eval") -> PlaceSet:
     """The :class:`aggnets.retrieval.PlaceSet` of ``name`` under the datasets folder ``root`` (index-layout .npy
     files under ``index_root`` when given, e.g. the gsv-cities repository's ``datasets/``)."""
     cfg = vpr_set_config(name)
     label = Path(name).stem
     if not root:
-        raise ConfigError("eval.root: the folder holding the evaluation sets is not set (eval.root=/path/to/datasets)")
+        what = "eval.root" if key == "eval" else "data.val_root"
+        raise ConfigError(f"{what}: the folder holding the evaluation sets is not set ({what}=/path/to/datasets)")
     base = Path(root)
     try:
         if cfg.layout == "folder":
@@ -59,4 +63,20 @@ def build_place_set(name: str, root: Optional[str], index_root: Optional[str] = 
         return index_place_set(base / cfg.images, Path(index_root or root) / cfg.index, cfg.prefix, label,
                                gt=cfg.gt, query_index=cfg.get("query_index"), check_files=check_files)
     except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"eval.sets: {error}") from None
+        raise ConfigError(f"{'eval.sets' if key == 'eval' else 'data.val_sets'}: {error}") from None
+
+
+class PlaceSetImages(Dataset):
+    """The images of a :class:`~aggnets.retrieval.PlaceSet`, database first then queries, each resized to ``size``
+    (h, w) as the papers validate: items ``(image (3, h, w) float32 in [0, 1], index)``."""
+
+    def __init__(self, place_set: PlaceSet, size: Sequence[int], resample: str = "bilinear") -> None:
+        self.place_set = place_set
+        self.paths = [*place_set.database, *place_set.queries]
+        self.size, self.resample = (int(size[0]), int(size[1])), resample
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return load_image(self.paths[index], size=self.size, resample=self.resample), index

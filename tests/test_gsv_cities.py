@@ -114,3 +114,34 @@ def test_a_corrupt_image_is_skipped_and_counted(gsv):
         image, label = data[0]
     assert label == 0 and image.shape == (3, 8, 8)
     assert len(data.bad_images) == 1 and any(issubclass(w.category, BadImageWarning) for w in caught)
+
+
+def test_a_short_training_run_on_gsv_cities_validates_on_an_index_layout_set(tmp_path):
+    """train.py's wiring: GSV-Cities P x K batches, validation on a SPED-layout set (val/sped/R@N logged, the best
+    checkpoint chosen by its R@1), the test stage on the same set."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from aggnets_train.run import train
+    from tests.test_vpr_sets import write_index_set
+
+    root = tmp_path / "gsv"
+    write_gsv(root, {"Rome": {i: 4 for i in range(6)}, "Oslo": {i: 4 for i in range(4)}})
+    write_index_set(tmp_path / "vpr" / "SPEDTEST", tmp_path / "vpr" / "SPED", "SPED")
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "data=gsv_cities", f"data.train.root={root}", "data.batch_size=12", "data.num_workers=0",
+            "data.train.image_size=32", "data.val_sets=[sped]", f"data.val_root={tmp_path / 'vpr'}",
+            "data.val_image_size=[32,32]", "task=metric_learning", "backbone=resnet18", "backbone.weights=null",
+            "head=gem", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+            "monitor.metric=val/sped/R@1", "task.recall_ks=[1,4]", "callbacks.head_monitor=null", "logger=csv",
+            f"paths.output_dir={tmp_path / 'run'}"])
+    train(cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"val/sped/R@1", "val/sped/R@4", "test/sped/R@1", "test/sped/R@4"} <= set(results)
+    # 3 queries: one without positives, so R@N <= 66.7 and R@4 (the whole database) = 66.7 exactly
+    assert 0.0 <= results["test/sped/R@1"] <= 200 / 3 + 1e-6
+    assert results["test/sped/R@4"] == pytest.approx(200 / 3) and results["val/sped/R@4"] == pytest.approx(200 / 3)
+    assert list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))

@@ -166,3 +166,22 @@ def test_a_fixed_evaluation_size_resizes_as_pil_does_whatever_the_aspect(tmp_pat
     np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), expected, atol=1e-6)
     with pytest.raises(ValueError, match=r"size must be None or \(height, width\)"):
         R.load_image(path, size=(20,))
+
+
+def test_training_validation_recall_takes_images_in_any_order_with_repeats():
+    """A distributed sampler hands the images out in shards and pads with repeats: place_recall orders them back."""
+    import torch
+
+    from aggnets_train.tasks import place_recall
+
+    gen = torch.Generator().manual_seed(0)
+    db = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen), dim=1)
+    queries = torch.nn.functional.normalize(db[[4, 1, 2]] + 0.05 * torch.randn(3, 8, generator=gen), dim=1)
+    place_set = R.PlaceSet("toy", [f"d{i}" for i in range(6)], ["q0", "q1", "q2"],
+                           [np.array([4]), np.array([0, 5]), np.array([2])])
+    order = torch.tensor([7, 0, 8, 3, 5, 1, 6, 2, 4, 0, 7])  # shuffled, 0 and 7 twice
+    table = torch.cat([db, queries])
+    got = place_recall(table[order], order, place_set, ks=(1, 6))
+    assert got == {"R@1": pytest.approx(200 / 3), "R@6": pytest.approx(100.0)}  # q1's nearest is db 1: not a positive
+    with pytest.raises(RuntimeError, match="1 of its 9 images are missing"):
+        place_recall(table[order[order != 3]], order[order != 3], place_set)
