@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError, build, build_head, call
 from .monitor import tensorboard_logger
 
-__all__ = ["Run", "build_run", "train", "check_output_dir", "check_free_space"]
+__all__ = ["Run", "build_run", "train", "check_output_dir", "check_free_space", "check_multi_node"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,24 @@ def check_free_space(path: str, model: Any, copies: int = 3) -> None:
     if free < needed:
         raise ConfigError(f"paths.output_dir: only {free / 2**20:.0f} MiB free on the disk holding {path!r}; this "
                           f"run's checkpoints and logs need about {needed / 2**20:.0f} MiB")
+
+
+_LAUNCHERS = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LSB_JOBID", "OMPI_COMM_WORLD_RANK")
+
+
+def check_multi_node(cfg: DictConfig, environ: Optional[dict] = None) -> None:
+    """``trainer.num_nodes > 1`` started by hand without the rendezvous variables waits forever for nodes that never
+    come: stop with what a node needs instead."""
+    environ = os.environ if environ is None else environ
+    nodes = int(cfg.get("trainer", {}).get("num_nodes", 1) or 1)
+    if nodes <= 1 or any(key in environ for key in _LAUNCHERS):
+        return
+    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if key not in environ]
+    if missing:
+        raise ConfigError(f"trainer.num_nodes={nodes}: every node must be started with MASTER_ADDR (node 0's address), "
+                          f"MASTER_PORT (a free port on node 0) and NODE_RANK (0..{nodes - 1}) set, or under torchrun "
+                          f"/ SLURM; {', '.join(missing)} not set. On one machine: trainer.num_nodes=1 "
+                          "trainer.devices=<GPUs>")
 
 
 def check_output_dir(path: str) -> None:
@@ -136,6 +154,7 @@ def train(cfg: DictConfig) -> Optional[float]:
     L.seed_everything(cfg.seed, workers=True)
     # frozen backbone stages keep their BatchNorm in eval mode on purpose (FeatureExtractor.freeze)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    check_multi_node(cfg)
     run = build_run(cfg)
     check_free_space(output_dir, run.task)
     trainer = run.trainer

@@ -14,7 +14,8 @@ from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 
 from aggnets.models import Classifier, Embedder
 
-__all__ = ["EmbeddingTask", "ClassificationTask", "MetricLearningTask", "retrieval_metrics", "place_recall"]
+__all__ = ["EmbeddingTask", "ClassificationTask", "MetricLearningTask", "retrieval_metrics", "place_recall",
+           "gather_with_grad", "metric_loss"]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -168,6 +169,47 @@ def retrieval_metrics(embeddings: Tensor, labels: Tensor, ks: tuple[int, ...] = 
     return out
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def gather_with_grad(values: Tensor) -> Tensor:
+    """Every rank's rows in rank order (ranks may hold different counts); this rank's own rows are ``values``
+    itself, so its gradient flows, the others' are copies. Outside ``torch.distributed``: ``values``."""
+    if not _distributed():
+        return values
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    count = torch.tensor([len(values)], device=values.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = values.new_zeros((max(sizes), *values.shape[1:]))
+    padded[: len(values)] = values.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    parts = [part[:size] for part, size in zip(parts, sizes)]
+    parts[rank] = values
+    return torch.cat(parts)
+
+
+def metric_loss(loss_fn: nn.Module, miner: Optional[nn.Module], embeddings: Tensor, labels: Tensor
+                ) -> tuple[Tensor, int]:
+    """The metric-learning loss of a batch, mined and computed on the global batch under ``torch.distributed``:
+    ``(loss, scale)``. Every rank gathers all ranks' embeddings and labels (:func:`gather_with_grad`: its own part
+    keeps its gradient), so every rank computes the loss a single process would on the concatenated batch; DDP then
+    averages the ranks' gradients, each holding only its own part's share, so backpropagating ``scale * loss``
+    (scale = the world size, 1 outside DDP) gives exactly the single-process gradient. pytorch-metric-learning's
+    ``DistributedLossWrapper`` / ``DistributedMinerWrapper`` do the same with a gather each and each rank's own
+    rows first (a rank-dependent order); here one gather serves both and the order is the ranks'."""
+    scale = 1
+    if _distributed():
+        embeddings, labels = gather_with_grad(embeddings), gather_with_grad(labels)
+        scale = torch.distributed.get_world_size()
+    pairs = miner(embeddings, labels) if miner is not None else None
+    return loss_fn(embeddings, labels, pairs), scale
+
+
 def place_recall(embeddings: Tensor, indices: Tensor, place_set: Any, ks: tuple[int, ...] = (1, 5, 10)
                  ) -> dict[str, float]:
     """recall@k (percent) of a place-recognition set from the descriptors of its images (``indices`` into database
@@ -192,8 +234,9 @@ def place_recall(embeddings: Tensor, indices: Tensor, place_set: Any, ks: tuple[
 
 class MetricLearningTask(EmbeddingTask):
     """backbone -> head -> (projection) -> L2 embedding, trained with a pytorch-metric-learning loss (and
-    optional miner) on P x K batches; validated by leave-one-out retrieval (mAP, recall@k) over the whole
-    validation set, gathered across ranks."""
+    optional miner) on P x K batches, mined on the global batch under DDP (:func:`metric_loss`); validated by
+    leave-one-out retrieval (mAP, recall@k) over the whole labelled validation set and / or by recall@k on
+    place-recognition sets (the data module's ``val_sets``: ``val/<set>/R@k``), gathered across ranks."""
 
     def __init__(self, backbone: nn.Module, head: Any, *, loss: nn.Module, optimizer: OptimizerFactory,
                  miner: Optional[nn.Module] = None, scheduler: Optional[SchedulerFactory] = None,
@@ -214,11 +257,9 @@ class MetricLearningTask(EmbeddingTask):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = batch[0], batch[1]
-        embeddings = self(images).float()
-        pairs = self.miner(embeddings, labels) if self.miner is not None else None
-        loss = self.loss(embeddings, labels, pairs)
+        loss, scale = metric_loss(self.loss, self.miner, self(images).float(), labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        return loss
+        return loss * scale
 
     def _collect(self, batch: Any, stage: str, dataloader_idx: int) -> None:
         images, labels = batch[0], batch[1]
