@@ -33,7 +33,7 @@ class EmbeddingTask(L.LightningModule):
     ``optimizer`` / ``scheduler`` are factories (``_partial_: true`` in the config). The backbone trains at
     ``backbone_lr`` (None = the optimiser's lr; 0 freezes it), everything else at the optimiser's lr. A scheduler
     whose signature has ``total_steps`` / ``T_max`` / ``total_iters`` left unset gets the run's number of optimiser
-    steps, and steps every batch.
+    steps, and steps every batch (``steps_per_epoch``: the run's optimiser steps per epoch).
     """
 
     def __init__(self, backbone: nn.Module, head: Any, *, optimizer: OptimizerFactory,
@@ -98,8 +98,12 @@ class EmbeddingTask(L.LightningModule):
             params = {}
         extra = {}
         for name in _TOTAL_STEPS_ARGS:
-            if name in params and name not in given:
+            if name in params and given.get(name) is None:
                 extra[name] = int(self.trainer.estimated_stepping_batches)
+        required = "steps_per_epoch" in params and params["steps_per_epoch"].default is inspect.Parameter.empty
+        if required and given.get("steps_per_epoch") is None:  # not OneCycleLR's optional one
+            epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+            extra["steps_per_epoch"] = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
         if "max_lr" in params and "max_lr" not in given:
             extra["max_lr"] = [group["lr"] for group in optimizer.param_groups]
         return factory(optimizer, **extra)
