@@ -145,3 +145,15 @@ def test_a_short_training_run_on_gsv_cities_validates_on_an_index_layout_set(tmp
     assert 0.0 <= results["test/sped/R@1"] <= 200 / 3 + 1e-6
     assert results["test/sped/R@4"] == pytest.approx(200 / 3) and results["val/sped/R@4"] == pytest.approx(200 / 3)
     assert list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+
+
+def test_a_seeded_item_draws_the_same_augmentation_whatever_the_process(gsv):
+    """The samplers hand each item a seed (exact resume, any number of workers): RandAugment follows it alone."""
+    root, _ = gsv
+    data = GSVCitiesDataset(root, image_size=16, augment="randaugment")
+    first, label = data[(3, 1234)]
+    torch.manual_seed(99)  # the global stream does not matter
+    again, _ = data[(3, 1234)]
+    other, _ = data[(3, 4321)]
+    assert torch.equal(first, again) and label == data.targets[3]
+    assert not torch.equal(first, other)

@@ -185,3 +185,19 @@ def test_training_validation_recall_takes_images_in_any_order_with_repeats():
     assert got == {"R@1": pytest.approx(200 / 3), "R@6": pytest.approx(100.0)}  # q1's nearest is db 1: not a positive
     with pytest.raises(RuntimeError, match="1 of its 9 images are missing"):
         place_recall(table[order[order != 3]], order[order != 3], place_set)
+
+
+def test_evaluate_py_sets_run_a_config_built_anyloc_with_no_training(tmp_path):
+    """experiment=anyloc_dinov2_vits14 on a tiny random ViT: the vocabulary is fitted on the set's database images
+    (hard VLAD, cosine k-means), then the set is evaluated; the copies are still found at R@1 where positive."""
+    write_index_set(tmp_path / "data" / "SPEDTEST", tmp_path / "data" / "SPED", "SPED")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            "experiment=anyloc_dinov2_vits14", "eval.sets=[sped]", f"eval.root={tmp_path / 'data'}",
+            "eval.recall_ns=[1,4]", "backbone.weights=null",
+            "backbone.model_kwargs={embed_dim: 24, depth: 2, num_heads: 2}", "backbone.layer=blocks.1",
+            "head.num_clusters=3", "codebook.per_image=20", "extraction.size=[28,42]",
+            f"output_dir={tmp_path / 'out'}"])
+    results = run_evaluate(cfg)
+    assert results["sped"]["R@1"] == pytest.approx(100 / 3) and results["sped"]["R@4"] == pytest.approx(200 / 3)
+    assert R.load_descriptors(tmp_path / "out" / "sped_database.npy")[0].shape == (4, 3 * 24)
