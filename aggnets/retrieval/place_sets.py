@@ -54,16 +54,22 @@ def _images_below(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in _EXTENSIONS and p.is_file())
 
 
-def radius_positives(query_positions: np.ndarray, db_positions: np.ndarray, threshold: float) -> list[np.ndarray]:
-    """Per query, the sorted indices of the database positions within ``threshold`` (Euclidean, metres)
-    (scikit-learn's ``NearestNeighbors.radius_neighbors``, as the benchmarks)."""
-    from sklearn.neighbors import NearestNeighbors
-
+def radius_positives(query_positions: np.ndarray, db_positions: np.ndarray, threshold: float,
+                     chunk_pairs: int = 1 << 22) -> list[np.ndarray]:
+    """Per query, the sorted indices of the database positions within ``threshold`` (Euclidean, metres; the rule of
+    the benchmarks' ``NearestNeighbors.radius_neighbors``), computed in chunks of about ``chunk_pairs`` distances."""
     if not threshold > 0:
         raise ValueError(f"threshold must be a positive distance in metres, got {threshold!r}")
-    neighbours = NearestNeighbors().fit(db_positions)
-    found = neighbours.radius_neighbors(query_positions, radius=float(threshold), return_distance=False)
-    return [np.sort(np.asarray(row, dtype=np.int64)) for row in found]
+    queries = np.asarray(query_positions, dtype=np.float64)
+    database = np.asarray(db_positions, dtype=np.float64)
+    step = max(1, int(chunk_pairs) // max(1, len(database)))
+    limit = float(threshold) ** 2
+    found: list[np.ndarray] = []
+    for start in range(0, len(queries), step):
+        diff = queries[start:start + step, None, :] - database[None, :, :]
+        squared = np.einsum("qdc,qdc->qd", diff, diff)
+        found += [np.flatnonzero(row <= limit).astype(np.int64) for row in squared]
+    return found
 
 
 def folder_place_set(folder: PathLike, name: Optional[str] = None, *, threshold: float = 25.0,
