@@ -262,7 +262,44 @@ def test_errors_say_what_is_wrong(tmp_path):
              "aggregation.3.weight": torch.randn(32, 512), "aggregation.3.bias": torch.randn(32)}
     with pytest.raises(StateDictError, match="backbone weights do not match the published architecture"):
         pretrained.load("cosplace_resnet50_32", file=_save(tmp_path, wrong, "r18.pth"))
-    assert {"cosplace", "eigenplaces", "mixvpr", "boq", "salad", "netvlad", "patch_netvlad", "cirtorch"} == {
+    assert {"cosplace", "eigenplaces", "mixvpr", "convap", "boq", "salad", "netvlad", "patch_netvlad", "benchmark",
+            "cirtorch"} == {
         pretrained.info(n).family for n in pretrained.list()}
     assert all(math.isfinite(v) for n in pretrained.list() for v in pretrained.info(n).reported.values())
     assert aggnets.pretrained is pretrained
+
+
+def test_convap(tmp_path):
+    resnet = torchvision.models.resnet50(weights=None)
+    trunk = _randomised(nn.Sequential(*list(resnet.children())[:-2]), 0)
+    named = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    g = torch.Generator().manual_seed(8)
+    weight, bias = torch.randn(128, 2048, 1, 1, generator=g, dtype=DT) / 45, torch.randn(128, generator=g, dtype=DT)
+    state = {**_prefixed("backbone.model.", named), "aggregator.channel_pool.weight": weight.float(),
+             "aggregator.channel_pool.bias": bias.float()}
+    model = _ours("convap_resnet50_512", _save(tmp_path, state))
+    images = _images(96, 96)
+    with torch.no_grad():
+        cells = F.adaptive_avg_pool2d(F.conv2d(trunk((images - MEAN) / STD), weight, bias), (2, 2))
+        _close(model(images), F.normalize(cells.flatten(1), dim=1), 1e-6)
+
+
+def test_the_benchmarks_netvlad_at_conv4_and_gem_fc_at_conv5(tmp_path):
+    conv4 = resnet_children("resnet18", 7)
+    g = torch.Generator().manual_seed(9)
+    conv, centroids = torch.randn(4, 256, 1, 1, generator=g, dtype=DT), torch.randn(4, 256, generator=g, dtype=DT)
+    state = {**_prefixed("backbone.", conv4.state_dict()), "aggregation.conv.weight": conv.float(),
+             "aggregation.centroids": centroids.float()}
+    model = _ours("benchmark_resnet18_netvlad_pitts30k", _save(tmp_path, {"model_state_dict": state}))
+    images = _images()
+    with torch.no_grad():
+        _close(model(images), netvlad_reference(conv4((images - MEAN) / STD), conv, centroids), 1e-6)
+    conv5 = resnet_children("resnet50", 8)
+    weight, bias = torch.randn(64, 2048, generator=g, dtype=DT) / 45, torch.randn(64, generator=g, dtype=DT)
+    state = {**_prefixed("backbone.", conv5.state_dict()), "aggregation.0.1.p": torch.tensor([3.3]),
+             "aggregation.1.weight": weight.float(), "aggregation.1.bias": bias.float()}
+    model = _ours("benchmark_resnet50_gem_fc2048_msls", _save(tmp_path, state, "fc.pth"))
+    with torch.no_grad():
+        x = conv5((images - MEAN) / STD)
+        expected = F.normalize(F.linear(gem(F.normalize(x, dim=1), 3.3), weight, bias), dim=1)
+        _close(model(images), expected, 1e-6)

@@ -1,5 +1,6 @@
 """The authors' released weights as :class:`aggnets.Embedder` models: CosPlace and EigenPlaces (ResNet-18/50/101/152,
-VGG16), MixVPR, BoQ (ResNet-50, DINOv2), SALAD, NetVLAD (pytorch-NetVlad), Patch-NetVLAD's NetVLAD + WPCA, and the
+VGG16), MixVPR, gsv-cities' ConvAP, BoQ (ResNet-50, DINOv2), SALAD, NetVLAD (pytorch-NetVlad), Patch-NetVLAD's
+NetVLAD + WPCA, the deep-visual-geo-localization benchmark's NetVLAD / CRN / GeM + FC models, and the
 cnnimageretrieval-pytorch GeM networks with their whitening. Each loads with outputs equal to the authors' model and
 its :class:`Preprocessing` attached (``embedder.preprocessing``).
 
@@ -30,8 +31,8 @@ __all__ = ["list", "info", "load", "load_checkpoint", "download", "Preprocessing
 
 
 def list(family: Optional[str] = None) -> builtins.list[str]:  # noqa: A001 (the name users expect)
-    """The names of the published models (of one ``family``: cosplace, eigenplaces, mixvpr, boq, salad, netvlad,
-    patch_netvlad, cirtorch)."""
+    """The names of the published models (of one ``family``: cosplace, eigenplaces, mixvpr, convap, boq, salad,
+    netvlad, patch_netvlad, benchmark, cirtorch)."""
     if family is not None and family not in {m.family for m in MODELS.values()}:
         raise ValueError(f"aggnets.pretrained.list: no family {family!r}; families: "
                          f"{sorted({m.family for m in MODELS.values()})}")

@@ -10,14 +10,14 @@ import torch
 
 from ..backbones import build_backbone
 from ..convert import gem_from_cirtorch, netvlad_from_pytorch_netvlad
-from ..heads import BoQ, CosPlace, MixVPR, SALAD, Whitening
+from ..heads import CRN, BoQ, ConvAP, CosPlace, MixVPR, SALAD, Whitening
 from ..heads.reference import StateDictError
 from ..models import Embedder
 from .keys import (dinov2_keys, load_backbone_state, resnet_children_keys, resnet_named_keys, sub_state,
                    unwrap_checkpoint, vgg_features_keys)
 
-__all__ = ["cosplace_embedder", "mixvpr_embedder", "boq_embedder", "salad_embedder", "netvlad_embedder",
-           "cirtorch_embedder"]
+__all__ = ["cosplace_embedder", "mixvpr_embedder", "convap_embedder", "boq_embedder", "salad_embedder",
+           "netvlad_embedder", "benchmark_embedder", "cirtorch_embedder"]
 
 _DINOV2 = "timm:vit_base_patch14_dinov2"
 
@@ -49,6 +49,47 @@ def mixvpr_embedder(checkpoint: Any, what: str = "MixVPR") -> Embedder:
     net = build_backbone("resnet50", "layer3", weights=None)
     load_backbone_state(net, resnet_named_keys(sub_state(state, "backbone.model.", what)), what)
     return Embedder(net, MixVPR.from_reference(sub_state(state, "aggregator.", what), in_h=20, in_w=20))
+
+
+def convap_embedder(checkpoint: Any, what: str = "ConvAP") -> Embedder:
+    """amaralibey/gsv-cities ``VPRModel`` with ConvAP: ``backbone.model.*`` (torchvision ResNet-50 to layer4),
+    ``aggregator.channel_pool.{weight, bias}`` (:meth:`aggnets.heads.ConvAP.from_reference`, 2 x 2 cells)."""
+    state = unwrap_checkpoint(checkpoint, what)
+    _only(state, {"backbone", "aggregator"}, what)
+    net = build_backbone("resnet50", "layer4", weights=None)
+    load_backbone_state(net, resnet_named_keys(sub_state(state, "backbone.model.", what)), what)
+    return Embedder(net, ConvAP.from_reference(sub_state(state, "aggregator.", what), s1=2, s2=2))
+
+
+def benchmark_embedder(checkpoint: Any, backbone: str, aggregation: str, what: str = "benchmark") -> Embedder:
+    """gmberton/deep-visual-geo-localization-benchmark ``GeoLocalizationNet`` (bare, or under ``model_state_dict``):
+    ``backbone.*`` (a torchvision ResNet's ``children()[:-3]`` up to layer3, "conv4", or ``[:-2]`` up to layer4,
+    "conv5", told apart by the keys; VGG16 ``features[:-2]``) and ``aggregation.*``: NetVLAD (``conv.weight``,
+    ``centroids``: the pytorch-NetVlad layer), CRN (:meth:`aggnets.heads.CRN.from_reference`) or GeM + FC
+    (``0.1.p``, ``1.weight``, ``1.bias``: L2, GeM, Linear, L2 = :class:`aggnets.heads.CosPlace`)."""
+    state = unwrap_checkpoint(checkpoint, what)
+    _only(state, {"backbone", "aggregation"}, what)
+    keys = sub_state(state, "backbone.", what)
+    if backbone == "vgg16":
+        net = build_backbone("vgg16", "features.28", weights=None)
+        load_backbone_state(net, vgg_features_keys(keys), what)
+    else:
+        layer = "layer4" if any(k.startswith("7.") for k in keys) else "layer3"
+        net = build_backbone(backbone, layer, weights=None)
+        load_backbone_state(net, resnet_children_keys(keys), what)
+    parts = sub_state(state, "aggregation.", what)
+    if aggregation == "netvlad":
+        head = netvlad_from_pytorch_netvlad(parts, normalize_input=True)
+    elif aggregation == "crn":
+        head = CRN.from_reference(parts)
+    else:
+        missing = [k for k in ("0.1.p", "1.weight", "1.bias") if k not in parts]
+        if missing:
+            raise StateDictError(f"{what}: the GeM + FC aggregation needs 'aggregation.0.1.p', 'aggregation.1.weight' "
+                                 f"and 'aggregation.1.bias'; missing {['aggregation.' + k for k in missing]}")
+        head = CosPlace.from_reference({"1.p": parts["0.1.p"], "3.weight": parts["1.weight"],
+                                        "3.bias": parts["1.bias"]})
+    return Embedder(net, head)
 
 
 def boq_embedder(checkpoint: Any, backbone: str, what: str = "BoQ") -> Embedder:

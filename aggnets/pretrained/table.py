@@ -68,6 +68,42 @@ for _dim, _drive, _file, _numbers in (
         Preprocessing(size=(320, 320), resample="bilinear"), _MIXVPR_PAPER, filename=_file,
         source=f"Google Drive only (amaralibey/MixVPR README): https://drive.google.com/file/d/{_drive}", reported=_numbers))
 
+_CONVAP_PAPER = "Ali-bey et al., GSV-Cities: toward appropriate supervised visual place recognition, Neurocomputing 2022"
+for _dim, _numbers, _resample in (
+        (8192, {"Pitts250k-test R@1": 92.8, "Pitts30k-test R@1": 90.5, "MSLS-val R@1": 83.1, "Nordland R@1": 42.7},
+         "bilinear"),
+        (4096, {"Pitts250k-test R@1": 92.5, "Pitts30k-test R@1": 90.5, "MSLS-val R@1": 83.5, "Nordland R@1": 42.6},
+         "bicubic"),
+        (2048, {"Pitts250k-test R@1": 92.3, "Pitts30k-test R@1": 90.6, "MSLS-val R@1": 83.4, "Nordland R@1": 40.3},
+         "bilinear"),
+        (512, {"Pitts250k-test R@1": 90.7, "Pitts30k-test R@1": 89.1, "MSLS-val R@1": 82.6, "Nordland R@1": 36.3},
+         "bilinear")):
+    _MODELS.append(PretrainedModel(
+        f"convap_resnet50_{_dim}", "convap", _dim, partial(builders.convap_embedder, what=f"convap_resnet50_{_dim}"),
+        Preprocessing(size=(320, 320), resample=_resample), _CONVAP_PAPER,
+        source="Google Drive only (amaralibey/gsv-cities README): https://drive.google.com/drive/folders/"
+               "1VYPw9uGD11NgiGFgfWueLt3noJYOIuhL", reported=_numbers))
+
+_BENCHMARK_PAPER = "Berton et al., Deep visual geo-localization benchmark, CVPR 2022"
+_BENCHMARK = {  # (backbone, aggregation, descriptor size of the conv4 models): R@1 on (Pitts30k-test, MSLS-val)
+    "vgg16_netvlad": (("vgg16", "netvlad", 32768), (83.2, 50.9), (79.0, 74.6)),
+    "resnet18_netvlad": (("resnet18", "netvlad", 16384), (86.4, 47.4), (81.6, 75.8)),
+    "resnet50_netvlad": (("resnet50", "netvlad", 65536), (86.0, 50.7), (80.9, 76.9)),
+    "resnet101_netvlad": (("resnet101", "netvlad", 65536), (86.5, 51.8), (80.8, 77.7)),
+    "resnet50_gem_fc2048": (("resnet50", "gem_fc", 2048), (80.1, 33.7), (79.2, 73.5)),
+    "resnet50_gem_fc65536": (("resnet50", "gem_fc", 65536), (80.8, 35.8), (79.0, 74.4)),
+    "resnet50_crn": (("resnet50", "crn", 65536), (85.8, 54.0), (80.8, 77.8)),
+}
+for _variant, ((_backbone, _aggregation, _dim), _pitts, _msls) in _BENCHMARK.items():
+    for _trained, _numbers in (("pitts30k", _pitts), ("msls", _msls)):
+        _name = f"benchmark_{_variant}_{_trained}"
+        _MODELS.append(PretrainedModel(
+            _name, "benchmark", _dim, partial(builders.benchmark_embedder, backbone=_backbone,
+                                             aggregation=_aggregation, what=_name),
+            Preprocessing(size=(480, 640), resample="bilinear"), _BENCHMARK_PAPER,
+            source="Google Drive only (gmberton/deep-visual-geo-localization-benchmark README, Model Zoo)",
+            reported={"Pitts30k-test R@1": _numbers[0], "MSLS-val R@1": _numbers[1]}))
+
 _BOQ_PAPER = "Ali-bey et al., BoQ: a place is worth a bag of learnable queries, CVPR 2024"
 _MODELS += [
     PretrainedModel("boq_resnet50_16384", "boq", 16384, partial(builders.boq_embedder, backbone="resnet50",
