@@ -303,3 +303,27 @@ def test_the_benchmarks_netvlad_at_conv4_and_gem_fc_at_conv5(tmp_path):
         x = conv5((images - MEAN) / STD)
         expected = F.normalize(F.linear(gem(F.normalize(x, dim=1), 3.3), weight, bias), dim=1)
         _close(model(images), expected, 1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["rmac", "mac", "spoc"])
+def test_a_cirtorch_network_of_ones_own_with_other_poolings(tmp_path, pooling):
+    """from_checkpoint: R-MAC against the independent reference of tests/references.py (Tolias et al.'s grid plus the
+    whole map, as cnnimageretrieval's rmac), MAC and SPoC by their definitions."""
+    from tests.references import rmac_ref
+
+    features = resnet_children("resnet18", 8)
+    meta = {"architecture": "resnet18", "pooling": pooling, "whitening": False, "local_whitening": False,
+            "regional": False, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "outputdim": 512}
+    path = _save(tmp_path, {"meta": meta, "state_dict": _prefixed("features.", features.state_dict())})
+    model = pretrained.from_checkpoint("cirtorch", path).double()
+    assert not hasattr(model, "preprocessing")
+    images = _images(96, 160)
+    with torch.no_grad():
+        x = features((images - MEAN) / STD)
+        if pooling == "rmac":
+            expected = torch.from_numpy(np.stack([rmac_ref(m.numpy(), include_global=True) for m in x]))
+        else:
+            expected = F.normalize(x.amax(dim=(2, 3)) if pooling == "mac" else x.mean(dim=(2, 3)), dim=1)
+        _close(model(images), expected, 1e-6)
+    with pytest.raises(ValueError, match="no family 'cosplac'"):
+        pretrained.from_checkpoint("cosplac", path)

@@ -23,11 +23,19 @@ import torch
 
 from ..heads.reference import StateDictError
 from ..models import Embedder
+from . import builders
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .table import MODELS, PretrainedModel
 
-__all__ = ["list", "info", "load", "load_checkpoint", "download", "Preprocessing", "PretrainedModel", "MODELS",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["list", "info", "load", "load_checkpoint", "download", "from_checkpoint", "BUILDERS", "Preprocessing",
+           "PretrainedModel", "MODELS", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+#: family -> the converter of a checkpoint in that family's layout (:mod:`aggnets.pretrained.builders`)
+BUILDERS = {"cosplace": builders.cosplace_embedder, "eigenplaces": builders.cosplace_embedder,
+            "mixvpr": builders.mixvpr_embedder, "convap": builders.convap_embedder, "boq": builders.boq_embedder,
+            "salad": builders.salad_embedder, "netvlad": builders.netvlad_embedder,
+            "patch_netvlad": builders.netvlad_embedder, "benchmark": builders.benchmark_embedder,
+            "cirtorch": builders.cirtorch_embedder}
 
 
 def list(family: Optional[str] = None) -> builtins.list[str]:  # noqa: A001 (the name users expect)
@@ -117,3 +125,15 @@ def load(name: str, *, file: Optional[str] = None, sha256: Optional[str] = None,
     embedder.preprocessing = model.preprocessing
     embedder.pretrained = model
     return embedder.eval()
+
+
+def from_checkpoint(family: str, checkpoint: Any, **kwargs: Any) -> Embedder:
+    """A checkpoint you trained with the authors' code (or any file in a family's layout), as an Embedder:
+    ``checkpoint`` a path or the loaded object; ``kwargs`` what the layout does not say (``backbone="resnet50"``
+    for cosplace / eigenplaces / boq / benchmark, ``aggregation="netvlad" | "crn" | "gem_fc"`` for benchmark,
+    ``lw="ms" | "ss"`` for cirtorch). No preprocessing is attached: the training decides it."""
+    if family not in BUILDERS:
+        raise ValueError(f"aggnets.pretrained.from_checkpoint: no family {family!r}; families: {sorted(BUILDERS)}")
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = load_checkpoint(os.fspath(checkpoint))
+    return BUILDERS[family](checkpoint, **kwargs).eval()

@@ -10,7 +10,7 @@ import torch
 
 from ..backbones import build_backbone
 from ..convert import gem_from_cirtorch, netvlad_from_pytorch_netvlad
-from ..heads import CRN, BoQ, ConvAP, CosPlace, MixVPR, SALAD, Whitening
+from ..heads import CRN, MAC, RMAC, BoQ, ConvAP, CosPlace, MixVPR, SALAD, SPoC, Whitening
 from ..heads.reference import StateDictError
 from ..models import Embedder
 from .keys import (dinov2_keys, load_backbone_state, resnet_children_keys, resnet_named_keys, sub_state,
@@ -160,15 +160,17 @@ def cirtorch_embedder(checkpoint: Any, lw: str = "ms", what: str = "cnnimageretr
     ``features.7`` layer4; VGG16 ``features[:-1]``, up to conv5_3's ReLU), ``pool.p`` (GeM), and for the ``-gem-w``
     networks ``whiten.{weight, bias}`` (a Linear after the pooling's L2). The older networks carry a learned
     whitening in ``meta['Lw'][<dataset>][lw]`` (``m``, ``P``; ``lw`` "ms" multi-scale, as their published numbers,
-    or "ss"). Descriptor: ``L2(W L2(GeM(f)) + b)``."""
+    or "ss"). Descriptor: ``L2(W L2(pool(f)) + b)``, ``pool`` the ``meta['pooling']``: GeM (the released networks),
+    MAC, SPoC or R-MAC (:class:`aggnets.heads.RMAC` with the whole map as one more region, as theirs)."""
     meta = checkpoint.get("meta", {}) if isinstance(checkpoint, Mapping) else {}
     state = unwrap_checkpoint(checkpoint, what)
     architecture = str(meta.get("architecture", ""))
     for flag in ("local_whitening", "regional"):
         if meta.get(flag):
             raise StateDictError(f"{what}: meta[{flag!r}] is set; only global GeM networks (the released ones) load")
-    if meta.get("pooling", "gem") != "gem":
-        raise StateDictError(f"{what}: meta['pooling'] = {meta.get('pooling')!r}; only GeM networks load")
+    pooling = meta.get("pooling", "gem")
+    if pooling not in ("gem", "mac", "spoc", "rmac"):
+        raise StateDictError(f"{what}: meta['pooling'] = {pooling!r}; GeM, MAC, SPoC and R-MAC networks load")
     features = sub_state(state, "features.", what)
     if architecture.startswith("vgg") or (not architecture and "0.weight" in features and "1.weight" not in features):
         net = build_backbone(architecture or "vgg16", "features.29", weights=None)
@@ -179,7 +181,12 @@ def cirtorch_embedder(checkpoint: Any, lw: str = "ms", what: str = "cnnimageretr
     for name in ("mean", "std"):  # the input normalisation the network was trained with (ImageNet's by default)
         if name in meta:
             getattr(net, name).copy_(torch.as_tensor(meta[name], dtype=torch.float32).view(1, -1, 1, 1))
-    head = gem_from_cirtorch(state, prefix="pool.", in_channels=net.out_channels, normalize=True)
+    if pooling == "gem":
+        head = gem_from_cirtorch(state, prefix="pool.", in_channels=net.out_channels, normalize=True)
+    elif pooling == "rmac":  # their rmac(L=3): Tolias et al.'s grid plus the whole map, each region L2'd, summed
+        head = RMAC(net.out_channels, levels=3, include_global=True)
+    else:
+        head = (MAC if pooling == "mac" else SPoC)(net.out_channels, normalize=True)
     whitening = None
     if "whiten.weight" in state:
         weight = state["whiten.weight"]
