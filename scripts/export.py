@@ -1,6 +1,7 @@
 """Export a trained or config-built backbone + head to ONNX and check it with onnxruntime at two input sizes (Hydra:
 conf/export.yaml, the same backbone/ and head/ groups as training). E.g.
-``python scripts/export.py checkpoint=outputs/.../best.ckpt output=model.onnx`` or
+``python scripts/export.py head=netvlad`` (writes outputs/model.onnx),
+``python scripts/export.py checkpoint=path/to/run/checkpoints/last.ckpt output=outputs/trained.onnx`` or
 ``python scripts/export.py backbone=resnet18 backbone.weights=null head=netvlad output=netvlad.onnx``."""
 import logging
 import sys
@@ -22,6 +23,7 @@ def main(cfg: DictConfig) -> float:
     for name in ("onnx_ir", "onnxscript"):  # their optimisation passes log every step at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     embedder, info = build_embedder(cfg)
+    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
     size = tuple(cfg.size)
     path = export_onnx(embedder, cfg.output, example_size=size, dynamic_batch=cfg.dynamic_batch,
                        dynamic_hw=cfg.dynamic_hw, opset=cfg.opset, verify=False)

@@ -83,4 +83,4 @@ def test_the_package_declares_what_the_library_imports_and_the_rest_as_extras():
     train = {dep.split(">")[0] for dep in extras["train"]}
     assert train == {"lightning", "torchmetrics", "hydra-core", "pytorch-metric-learning", "tensorboard"}
     assert {dep.split(">")[0] for dep in extras["sklearn"]} == {"scikit-learn"}
-    assert "aggnets[train,sklearn,faiss,offline,onnx]" in extras["dev"]
+    assert "aggnets[train,sklearn,faiss,offline,onnx,docs]" in extras["dev"]

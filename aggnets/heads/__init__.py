@@ -1,5 +1,5 @@
-"""Pooling heads: (B, C, H, W) feature map [+ (B, H, W) bool mask] [+ (B, C) global token] -> (B, out_dim)
-descriptor."""
+"""Pooling heads: (B, C, H, W) feature map (+ an optional (B, H, W) bool mask, + the (B, C) global token) ->
+(B, out_dim) descriptor."""
 from .base import HeadCapabilities, PoolingHead
 from .boq import BoQ
 from .class_token import ClassToken

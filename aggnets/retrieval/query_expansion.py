@@ -138,7 +138,10 @@ def alpha_query_expansion(queries: ArrayLike, database: ArrayLike, k: int, alpha
     d_i)``, ``s_i = q . d_i``; ``alpha = 0`` is :func:`average_query_expansion`.
 
     Args:
-        queries, database, k, chunk_size: as in :func:`average_query_expansion`.
+        queries: as in :func:`average_query_expansion`.
+        database: as in :func:`average_query_expansion`.
+        k: as in :func:`average_query_expansion`.
+        chunk_size: as in :func:`average_query_expansion`.
         alpha: weight exponent ``>= 0`` (3 in the paper): larger values trust only the most similar neighbours.
 
     Raises:
@@ -159,7 +162,8 @@ def database_side_augmentation(database: ArrayLike, k: int, alpha: float = 3.0,
     Args:
         database: (N, D) L2-normalised database descriptors.
         k: neighbours per descriptor besides itself, ``0 <= k <= N - 1`` (``k = 0``: the database, L2-normalised).
-        alpha, chunk_size: as in :func:`alpha_query_expansion`.
+        alpha: as in :func:`alpha_query_expansion`.
+        chunk_size: as in :func:`alpha_query_expansion`.
 
     Raises:
         ValueError: non-2-D, empty or non-finite ``database``; ``k`` out of range; bad ``alpha``.

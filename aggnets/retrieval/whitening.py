@@ -276,7 +276,8 @@ def fit_learned_whitening(descriptors: Any, pairs: Any, dim: int | None = None, 
         pairs: (M, 2) integer indices into ``descriptors`` of matching (positive) pairs.
         dim: number of leading rotation directions kept; ``None``: D.
         eps: relative shrinkage of ``C_S``: ``C_S + eps * (trace(C_S) / D) I`` (0: exact).
-        normalize, dtype: as in :func:`fit_pca_whitening`.
+        normalize: as in :func:`fit_pca_whitening`.
+        dtype: as in :func:`fit_pca_whitening`.
 
     Returns:
         A :class:`~aggnets.heads.Whitening` with ``whitening_kind = "learned"``.
