@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from aggnets.codebook import fit_head_codebook
-from aggnets.inspect import codebook_heads
+from aggnets.inspection import codebook_heads
 
 __all__ = ["CodebookInit"]
 

@@ -1,6 +1,6 @@
 """TensorBoard views of the heads' internals: GeM's p, NetVLAD's alpha and assignment sharpness, cluster usage
 (mass histogram, entropy, dead clusters), assignment maps over fixed validation images, and the embedding
-projector. The tensors come from :mod:`aggnets.inspect`; this callback only logs them."""
+projector. The tensors come from :mod:`aggnets.inspection`; this callback only logs them."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aggnets.inspect import UsageAccumulator, assignment_overlay, codebook_heads, head_internals, head_maps
+from aggnets.inspection import UsageAccumulator, assignment_overlay, codebook_heads, head_internals, head_maps
 
 __all__ = ["HeadMonitor"]
 
@@ -33,7 +33,7 @@ class HeadMonitor(L.Callback):
     """Log the head's internals.
 
     Every ``every_n_steps`` training steps (the first included): every watched value of
-    :func:`aggnets.inspect.head_internals` as a scalar (vectors: their mean) and, in TensorBoard, vectors as
+    :func:`aggnets.inspection.head_internals` as a scalar (vectors: their mean) and, in TensorBoard, vectors as
     histograms (GeM ``p`` per channel, per-cluster weight norms, mixture weights).
     During validation: the soft-assignment mass per cluster, summed over all positions of all validation images
     (all-reduced across ranks) — logged as a histogram of the per-cluster fractions, their entropy, normalised

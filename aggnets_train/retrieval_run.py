@@ -16,7 +16,7 @@ from torch import Tensor
 from aggnets import retrieval as R
 from aggnets.codebook import fit_head_codebook
 from aggnets.functional.norm import signed_power
-from aggnets.inspect import codebook_heads
+from aggnets.inspection import codebook_heads
 from aggnets.models import Embedder
 
 from .config import ConfigError, build, build_head

@@ -53,7 +53,7 @@ class EmbeddingTask(L.LightningModule):
         self.backbone_lr = backbone_lr
         self.compile = compile
         self._compiled: Optional[Callable[..., Tensor]] = None
-        # set by aggnets_train.callbacks.CodebookInit; saved in checkpoints so a resumed run does not refit
+        # set by aggnets_train.CodebookInit (codebook_init.py); saved in checkpoints so a resumed run does not refit
         self.register_buffer("codebook_initialized", torch.tensor(False))
 
     @property

@@ -86,12 +86,11 @@ def pad_with_garbage(x, H2, W2, top=0, left=0, nan=True):
     return canvas, mask
 
 
-def rand_centroids(K, C, unit=False):
+def rand_centroids(K, C):
     """(K, C) float64 centroids with dyadic entries (multiples of 1/8 in [-1, 1]), distinct non-zero rows.
 
     Dyadic values make the contract's initialisations (w = 2 alpha c, b = -alpha ||c||^2, for alpha a power of two)
     exact even if an implementation builds its parameters in float32, so float64 comparisons stay exact.
-    `unit` is accepted for readability but the rows are only roughly unit-norm (||c|| in (0, 2]).
     """
     while True:
         c = torch.randint(-8, 9, (K, C)).double() / 8.0

@@ -124,7 +124,7 @@ def test_cross_attention_maps():
     x = torch.randn(2, 5, 3, 4, dtype=DT)
     mask = torch.ones(2, 3, 4, dtype=torch.bool)
     mask[1, :, 3:] = False
-    maps = aggnets.inspect.head_maps(head, x, mask)["cross_attention"]
+    maps = aggnets.inspection.head_maps(head, x, mask)["cross_attention"]
     assert maps.shape == (2, 2 * 3, 3, 4)
     torch.testing.assert_close(maps.flatten(2), ref(x, mask)[1], rtol=0, atol=1e-12)
     torch.testing.assert_close(maps.sum(dim=(2, 3)), torch.ones(2, 6, dtype=DT))

@@ -14,7 +14,7 @@ from aggnets import Embedder
 from aggnets.backbones import build_backbone
 from aggnets.codebook import init_head_from_descriptors
 from aggnets.heads import RMAC, GeM, HeadCapabilities, NetVLAD, PoolingHead, SpatialPyramid
-from aggnets.inspect import codebook_heads, head_internals, head_maps
+from aggnets.inspection import codebook_heads, head_internals, head_maps
 
 from .helpers import ANY_SIZE, HEAD_NAMES, MASKED, capabilities, input_kind, make_head, rand_map
 

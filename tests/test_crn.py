@@ -435,8 +435,8 @@ def test_internal_maps_and_internals():
                        c.filter7.weight.flatten(1).norm(dim=1)])
     assert _max_err(values["context_filter_norm"], norms) <= 1e-12
     assert head.capabilities.codebook == "centroids" and not head.capabilities.orderless
-    assert [n for n, _ in aggnets.inspect.codebook_heads(head)] == [""]
-    maps = aggnets.inspect.head_maps(head, x, mask)
+    assert [n for n, _ in aggnets.inspection.codebook_heads(head)] == [""]
+    maps = aggnets.inspection.head_maps(head, x, mask)
     assert set(maps) == {"assignment", "context"}
 
 

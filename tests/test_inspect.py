@@ -1,4 +1,4 @@
-"""head.assignment_map and aggnets.inspect (codebook_heads, head_internals, cluster_usage, UsageAccumulator, palette,
+"""head.assignment_map and aggnets.inspection (codebook_heads, head_internals, cluster_usage, UsageAccumulator, palette,
 assignment_overlay), against independent computations written here."""
 
 import math
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aggnets.heads import BoF, FisherVector, GeM, NetBoF, NetFV, NetVLAD, SpatialPyramid, VLAD
-from aggnets.inspect import (UsageAccumulator, assignment_overlay, codebook_heads, cluster_usage, head_internals,
+from aggnets.inspection import (UsageAccumulator, assignment_overlay, codebook_heads, cluster_usage, head_internals,
                              palette)
 from tests.helpers import assert_close, pad_with_garbage, rand_centroids, rand_gmm, rand_map
 
@@ -320,3 +320,12 @@ def test_cuda_assignment_map_autocast_accumulator_and_overlay():
     assert accumulator.mass.device.type == "cuda" and abs(float(accumulator.mass.sum()) - 21) < 1e-9
     out = assignment_overlay(torch.rand(2, 3, 6, 8), a)
     assert out.device.type == "cpu" and out.shape == (2, 3, 6, 8)
+
+
+def test_the_old_module_name_still_works_with_a_warning():
+    import subprocess
+    import sys
+    code = ("import warnings; warnings.simplefilter('error', FutureWarning); import aggnets\n"
+            "try:\n    aggnets.inspect\nexcept FutureWarning as w:\n    print('warned:', w)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "warned: aggnets.inspect is deprecated: import aggnets.inspection" in out.stdout, out.stderr

@@ -249,7 +249,9 @@ def test_l2norm_matches_reference():
 @pytest.mark.parametrize("alpha", [0.5, 0.25, 1.0])
 def test_powernorm_matches_reference(alpha):
     x = torch.randn(4, 7, dtype=torch.float64)
-    assert_close(AH.PowerNorm(alpha=alpha)(x), R.signed_power(x.numpy(), alpha))
+    assert_close(AH.PowerNorm(power=alpha)(x), R.signed_power(x.numpy(), alpha))
+    with pytest.warns(FutureWarning, match="exponent is called power"):
+        assert AH.PowerNorm(alpha=alpha).power == alpha
 
 
 def test_powernorm_default_alpha_half():
@@ -269,3 +271,9 @@ def test_intranorm_matches_reference():
 def test_norm_modules_are_not_registered_heads(cls):
     assert cls.lower() not in aggnets.list_heads()
     assert hasattr(AH, cls)
+
+
+def test_feat_mult_is_deprecated_for_out_dim():
+    head = AH.NetVLAD(4, 3)
+    with pytest.warns(FutureWarning, match="use head.out_dim / head.in_channels"):
+        assert head.feat_mult() == head.out_dim / head.in_channels == 3.0

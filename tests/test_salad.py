@@ -216,7 +216,7 @@ def test_internal_maps_are_the_plan_over_the_image():
     x, _ = _inputs()
     mask = torch.ones(2, 3, 4, dtype=torch.bool)
     mask[1, 2:, :] = False
-    maps = aggnets.inspect.head_maps(head, x, mask)
+    maps = aggnets.inspection.head_maps(head, x, mask)
     assignment, dustbin = maps["assignment"], maps["dustbin"]
     assert assignment.shape == (2, 3, 3, 4) and dustbin.shape == (2, 1, 3, 4)
     total = (assignment.sum(dim=1) + dustbin[:, 0])

@@ -1,5 +1,6 @@
 """The interface every head shares: (B, C, H, W) feature map [+ (B, H, W) bool mask] [+ (B, C) global token] ->
 (B, out_dim), with what the head supports declared on its class (:class:`HeadCapabilities`)."""
+import warnings
 from typing import Dict, List, Optional
 
 from torch import Tensor, nn
@@ -79,9 +80,13 @@ class PoolingHead(nn.Module):
         return self.pool_token(x, mask, token)
 
     def pool(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The one method a head without a global token implements: ``x`` (B, C, H, W), already checked, and
+        ``mask`` (B, H, W) bool (True = valid) or None, to the (B, out_dim) descriptor. :meth:`forward` calls it."""
         raise NotImplementedError
 
     def pool_token(self, x: Tensor, mask: Optional[Tensor], token: Tensor) -> Tensor:
+        """What a head that uses the global token implements instead of :meth:`pool`: ``token`` (B, C) is the
+        backbone's class token, or the masked mean of ``x`` on a backbone without one."""
         raise NotImplementedError
 
     @property
@@ -100,7 +105,10 @@ class PoolingHead(nn.Module):
         return {}
 
     def feat_mult(self) -> float:
-        """``out_dim / in_channels`` (timm-style introspection)."""
+        """Deprecated: ``out_dim / in_channels`` as a float, where timm's ``feat_mult`` is an integer pooling
+        multiple; use ``head.out_dim`` (and ``head.in_channels``)."""
+        warnings.warn("PoolingHead.feat_mult() is deprecated: use head.out_dim / head.in_channels", FutureWarning,
+                      stacklevel=2)
         return self.out_dim / self.in_channels
 
     def extra_repr(self) -> str:

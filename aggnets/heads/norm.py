@@ -1,4 +1,5 @@
 """Normalisation and projection layers for descriptors (B, D)."""
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -25,19 +26,30 @@ class L2Norm(nn.Module):
 
 
 class PowerNorm(nn.Module):
-    """Signed power normalisation ``y = sign(x) |x|^alpha`` (alpha = 0.5: signed square root; Perronnin et al. 2010)."""
+    """Signed power normalisation ``y = sign(x) |x|^power`` (power = 0.5: signed square root; Perronnin et al. 2010);
+    ``power`` as in NetVLAD / NetFV (``alpha`` is the deprecated name: ``alpha`` is the assignment sharpness
+    elsewhere)."""
 
-    def __init__(self, alpha: float = 0.5, eps: float = 1e-12) -> None:
+    def __init__(self, power: float = 0.5, eps: float = 1e-12, *, alpha: Optional[float] = None) -> None:
         super().__init__()
-        if alpha <= 0:
-            raise ValueError(f"PowerNorm: alpha must be positive, got {alpha}")
-        self.alpha, self.eps = alpha, eps
+        if alpha is not None:
+            warnings.warn("PowerNorm(alpha=...) is deprecated: the exponent is called power, as in NetVLAD and NetFV",
+                          FutureWarning, stacklevel=2)
+            power = alpha
+        if power <= 0:
+            raise ValueError(f"PowerNorm: power must be positive, got {power}")
+        self.power, self.eps = power, eps
+
+    @property
+    def alpha(self) -> float:
+        """Deprecated name of :attr:`power`."""
+        return self.power
 
     def forward(self, x: Tensor) -> Tensor:
-        return AF.signed_power(x, self.alpha, self.eps)
+        return AF.signed_power(x, self.power, self.eps)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}"
+        return f"power={self.power}"
 
 
 class IntraNorm(nn.Module):
