@@ -158,12 +158,16 @@ def test_malicious_checkpoint_is_not_executed(tmp_path):
         build_backbone("resnet18", "layer1", weights=str(path))
 
 
-def test_normalize_input_toggle():
+def test_normalize_images_toggle():
     backbone = build_backbone("resnet18", "layer1").eval()
-    raw = build_backbone("resnet18", "layer1", normalize_input=False).eval()
+    raw = build_backbone("resnet18", "layer1", normalize_images=False).eval()
     raw.load_state_dict(backbone.state_dict())
     images = torch.rand(1, 3, 32, 32)
     torch.testing.assert_close(backbone(images), raw(backbone.normalize(images)))
+    with pytest.warns(FutureWarning, match="it is normalize_images"):
+        old = build_backbone("resnet18", "layer1", normalize_input=False)
+    with pytest.warns(FutureWarning, match="it is normalize_images"):
+        assert old.normalize_input is False and old.normalize_images is False
 
 
 @pytest.mark.parametrize("name, layer, message", [

@@ -43,7 +43,7 @@ def checkpoints(tmp_path_factory):
 def _dinov2(variant, checkpoints, layer=-1, **kwargs):
     name, _ = VARIANTS[variant]
     return build_backbone(name, layer, weights=str(checkpoints[variant][0]), model_kwargs=TINY,
-                          normalize_input=False, **kwargs).double().eval()
+                          normalize_images=False, **kwargs).double().eval()
 
 
 def _images(batch, height, width, seed=0):
@@ -116,7 +116,7 @@ def test_uneven_sizes_crop_pad_or_refuse(checkpoints):
     torch.testing.assert_close(crop(images), crop(images[..., :70, :84]), rtol=0, atol=0)
     pad = _dinov2("plain", checkpoints, uneven="pad")
     assert pad.output_size(75, 90) == (6, 7)
-    padded = F.pad(images, (0, 98 - 90, 0, 84 - 75))  # zeros in normalised space (normalize_input=False here)
+    padded = F.pad(images, (0, 98 - 90, 0, 84 - 75))  # zeros in normalised space (normalize_images=False here)
     torch.testing.assert_close(pad(images), pad(padded), rtol=0, atol=0)
     strict = _dinov2("plain", checkpoints, uneven="error")
     assert strict(images[..., :70, :84]).shape[-2:] == (5, 6)

@@ -1,6 +1,7 @@
 """The backbone wrapper: a truncated CNN that returns one layer's (B, C, H, W) feature map."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -26,17 +27,18 @@ def check_images(images: object, name: str, channels: int) -> None:
 
 class BackboneBase(nn.Module):
     """What every backbone wrapper shares: its ``name``, the input normalisation of its weights (``mean`` / ``std``
-    for [0, 1] images, applied in the forward when ``normalize_input``) and the list of frozen modules. Subclasses set
-    ``layer``, ``out_channels``, ``stride`` and implement ``extract(images, sizes=None)``."""
+    for [0, 1] images, applied in the forward when ``normalize_images``) and the list of frozen modules. Subclasses
+    set ``layer``, ``out_channels``, ``stride`` and implement ``extract(images, sizes=None)``."""
 
     has_token = False
     padded_batches = False
     dynamic_onnx = True  # an exported graph takes any image size (the head decides)
+    __jit_unused_properties__ = ["normalize_input"]
 
-    def __init__(self, *, name: str, mean: Sequence[float], std: Sequence[float], normalize_input: bool) -> None:
+    def __init__(self, *, name: str, mean: Sequence[float], std: Sequence[float], normalize_images: bool) -> None:
         super().__init__()
         self.name = name
-        self.normalize_input = normalize_input
+        self.normalize_images = normalize_images
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self._frozen_modules: list[str] = []
@@ -46,9 +48,15 @@ class BackboneBase(nn.Module):
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def _prepare(self, images: Tensor) -> Tensor:
-        """Checked and (``normalize_input``) normalised images."""
+        """Checked and (``normalize_images``) normalised images."""
         check_images(images, self.name, self.mean.shape[1])
-        return self.normalize(images) if self.normalize_input else images
+        return self.normalize(images) if self.normalize_images else images
+
+    @property
+    def normalize_input(self) -> bool:
+        """Deprecated name of ``normalize_images`` (heads use ``normalize_input`` for the L2 of local descriptors)."""
+        warnings.warn("backbone.normalize_input is deprecated: it is normalize_images", FutureWarning, stacklevel=2)
+        return self.normalize_images
 
     @property
     def frozen_modules(self) -> list[str]:
@@ -60,7 +68,7 @@ class FeatureExtractor(BackboneBase):
 
     ``out_channels`` and ``stride`` (input pixels per feature-map cell, so ``H' ~ ceil(H / stride)``) are known at
     construction, so a head can be built from the backbone alone. ``mean`` / ``std`` are the input normalisation
-    constants of the weights, for images scaled to [0, 1]; with ``normalize_input=True`` the forward applies them, so
+    constants of the weights, for images scaled to [0, 1]; with ``normalize_images=True`` the forward applies them, so
     callers feed [0, 1] RGB images; with False, callers normalise (``backbone.normalize(x)``).
 
     ``freeze``: True freezes everything; a module name freezes every module up to and including it (in execution
@@ -72,9 +80,9 @@ class FeatureExtractor(BackboneBase):
     """
 
     def __init__(self, body: nn.Module, *, name: str, layer: str, out_channels: int, stride: int,
-                 mean: Sequence[float], std: Sequence[float], normalize_input: bool = True,
+                 mean: Sequence[float], std: Sequence[float], normalize_images: bool = True,
                  freeze: FreezeSpec = False, output_key: Optional[str] = None) -> None:
-        super().__init__(name=name, mean=mean, std=std, normalize_input=normalize_input)
+        super().__init__(name=name, mean=mean, std=std, normalize_images=normalize_images)
         self.body = body
         self.layer = layer
         self.out_channels = int(out_channels)
@@ -160,4 +168,4 @@ class FeatureExtractor(BackboneBase):
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, layer={self.layer!r}, out_channels={self.out_channels}, stride={self.stride}, "
-                f"normalize_input={self.normalize_input}, frozen={self._frozen_modules or None}")
+                f"normalize_images={self.normalize_images}, frozen={self._frozen_modules or None}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -60,9 +61,10 @@ def list_layers(model: nn.Module) -> list[str]:
 
 
 def build_backbone(name: str, layer: Union[str, int, None] = None, *, weights: WeightsSpec = None,
-                   freeze: FreezeSpec = False, normalize_input: bool = True, strict: bool = True,
+                   freeze: FreezeSpec = False, normalize_images: bool = True, strict: bool = True,
                    norm: Optional[bool] = None, facet: str = "token", uneven: str = "crop",
-                   pos_interpolation: str = "auto", model_kwargs: Optional[dict] = None) -> nn.Module:
+                   pos_interpolation: str = "auto", model_kwargs: Optional[dict] = None,
+                   normalize_input: Optional[bool] = None) -> nn.Module:
     """A CNN or vision transformer truncated after ``layer``, returning its (B, C, H, W) map.
 
     ``name``: an offline backbone (``"efficientnet_lite0"``, ``"mobilenet_v2"``, weights from pip packages), a
@@ -91,6 +93,11 @@ def build_backbone(name: str, layer: Union[str, int, None] = None, *, weights: W
     """
     from .vit import ViTExtractor, is_vision_transformer
 
+    if normalize_input is not None:  # the old name; heads' normalize_input is the L2 of local descriptors
+        warnings.warn("build_backbone(normalize_input=...) is deprecated: it is normalize_images", FutureWarning,
+                      stacklevel=2)
+        normalize_images = normalize_input
+
     source, model_name = _resolve_source(name)
     local_file = _as_local_file(weights)
     hub_weights = None if local_file is not None else weights
@@ -112,7 +119,7 @@ def build_backbone(name: str, layer: Union[str, int, None] = None, *, weights: W
             pos_interpolation = default_pos_interpolation(model_name)
         return ViTExtractor(model, name=name, block=_vit_block(model, layer, name), mean=mean, std=std, facet=facet,
                             norm=norm, uneven=uneven, pos_interpolation=pos_interpolation,
-                            normalize_input=normalize_input, freeze=freeze)
+                            normalize_images=normalize_images, freeze=freeze)
     vit_only = {"norm": (norm, None), "facet": (facet, "token"), "uneven": (uneven, "crop"),
                 "pos_interpolation": (pos_interpolation, "auto")}
     for option, (value, default) in vit_only.items():
@@ -121,7 +128,7 @@ def build_backbone(name: str, layer: Union[str, int, None] = None, *, weights: W
     layer_name = _resolve_layer(model, layer, name)
     body = _truncate(model, layer_name, source)
     extractor = FeatureExtractor(body, name=name, layer=layer_name, out_channels=1, stride=1, mean=mean, std=std,
-                                 normalize_input=normalize_input, freeze=freeze, output_key="out")
+                                 normalize_images=normalize_images, freeze=freeze, output_key="out")
     _probe(extractor, name)
     return extractor
 

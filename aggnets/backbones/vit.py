@@ -62,12 +62,12 @@ class ViTExtractor(BackboneBase):
     """
 
     has_token = True
-    __jit_unused_properties__ = ["dynamic_onnx"]
+    __jit_unused_properties__ = ["dynamic_onnx", "normalize_input"]
 
     def __init__(self, model: nn.Module, *, name: str, block: int, mean: Sequence[float], std: Sequence[float],
                  facet: str = "token", norm: Optional[bool] = None, uneven: str = "crop",
-                 pos_interpolation: str = "timm", normalize_input: bool = True, freeze: FreezeSpec = False) -> None:
-        super().__init__(name=name, mean=mean, std=std, normalize_input=normalize_input)
+                 pos_interpolation: str = "timm", normalize_images: bool = True, freeze: FreezeSpec = False) -> None:
+        super().__init__(name=name, mean=mean, std=std, normalize_images=normalize_images)
         if facet not in FACETS:
             raise ValueError(f"{name}: facet must be one of {FACETS}, got {facet!r}")
         if uneven not in UNEVEN_MODES:

@@ -17,7 +17,7 @@ class Preprocessing:
     """``size`` (h, w): every image resized to exactly that size (the place-recognition papers); or ``max_size``: the
     longer side (cnnimageretrieval); neither: full resolution (CosPlace, NetVLAD). ``resample``: ``"bilinear"`` or
     ``"bicubic"``. ``mean`` / ``std``: the input normalisation of the weights, which an aggnets backbone applies
-    itself (``normalize_input``), so images go in as [0, 1] RGB. The arguments of
+    itself (``normalize_images``), so images go in as [0, 1] RGB. The arguments of
     :func:`aggnets.retrieval.extract_descriptors` are :meth:`extraction_kwargs`."""
     size: Optional[tuple[int, int]] = None
     max_size: Optional[int] = None

@@ -529,7 +529,7 @@ def _input_mean(model: nn.Module) -> Union[float, Tensor]:
     """The value that the backbone's input normalisation maps to 0 (0 when it does not normalise)."""
     backbone = _feature_part(model)
     mean = getattr(backbone, "mean", None)
-    if isinstance(mean, Tensor) and getattr(backbone, "normalize_input", False) and mean.numel() == 3:
+    if isinstance(mean, Tensor) and getattr(backbone, "normalize_images", False) and mean.numel() == 3:
         return mean.detach().flatten()
     return 0.0
 
