@@ -1,10 +1,10 @@
 """Name -> head class registry, so configs and users can build a head from a string."""
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable, TypeVar
 
 from torch import nn
+from .utils import closest
 
 __all__ = ["register_head", "build_head", "list_heads", "get_head_class"]
 
@@ -31,7 +31,7 @@ def get_head_class(name: str) -> type[nn.Module]:
     """The class registered as ``name`` (case-insensitive, '-' and '_' equivalent)."""
     key = name.lower().replace("-", "_")
     if key not in _HEADS:
-        close = difflib.get_close_matches(key, _HEADS, n=3)
+        close = closest(key, _HEADS, n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise KeyError(f"unknown head {name!r}.{hint} Available heads: {', '.join(list_heads())}")
     return _HEADS[key]

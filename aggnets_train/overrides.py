@@ -2,12 +2,12 @@
 keys of its node and the closest match, instead of Hydra's bare "Key 'max_epoch' is not in struct"."""
 from __future__ import annotations
 
-import difflib
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from omegaconf import DictConfig
+from aggnets.utils import closest
 
 __all__ = ["check_overrides", "exit_on_unknown_keys"]
 
@@ -28,7 +28,7 @@ def _unknown(cfg: DictConfig, key: str) -> Optional[str]:
         if part not in node.keys():  # not `part in node`: OmegaConf answers False for a required (???) value
             where = ".".join(walked) or "the config"
             valid = sorted(str(k) for k in node.keys())
-            close = difflib.get_close_matches(part, valid, n=1)
+            close = closest(part, valid)
             hint = f"did you mean {'.'.join([*walked, close[0]])!r}? " if close else ""
             return (f"{key}: no key {part!r} in {where}; {hint}valid keys: {', '.join(valid)} "
                     f"(to add a new key on purpose: +{key}=...)")

@@ -2,11 +2,9 @@
 where its files lie under a datasets folder (``eval.root``), or a path to such a file for a set of one's own."""
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -14,6 +12,7 @@ from torch.utils.data import Dataset
 from aggnets.retrieval import PlaceSet, folder_place_set, index_place_set, load_image
 
 from .config import ConfigError
+from aggnets.utils import closest
 
 __all__ = ["VPR_CONF", "vpr_set_names", "vpr_set_config", "build_place_set", "PlaceSetImages"]
 
@@ -32,7 +31,7 @@ def vpr_set_config(name: str) -> DictConfig:
     path = Path(name) if str(name).endswith((".yaml", ".yml")) else VPR_CONF / f"{name}.yaml"
     if not path.is_file():
         names = vpr_set_names()
-        close = difflib.get_close_matches(str(name), names, n=1)
+        close = closest(str(name), names)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"eval.sets: no set {str(name)!r}; {hint}sets: {', '.join(names)} "
                           "(or the path of a .yaml file in the form of conf/vpr/*.yaml)")

@@ -10,7 +10,8 @@ import re
 import torch
 from torch import nn
 
-from .factory import WeightsSpec, _is_none, register_offline_backbone
+from ..utils import is_none as _is_none
+from .factory import WeightsSpec, register_offline_backbone
 
 __all__ = ["efficientnet_lite0", "efficientnet_lite0_weights_path", "convert_efficientnet_lite0_state_dict"]
 

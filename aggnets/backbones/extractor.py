@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..utils import close_names
 from .output import BackboneOutput
 
 __all__ = ["BackboneBase", "FeatureExtractor", "FreezeSpec", "check_images"]
@@ -23,6 +24,24 @@ def check_images(images: object, name: str, channels: int) -> None:
         raise ValueError(f"{name}: images must have shape (B, {channels}, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(f"{name}: images must be floating point (scaled to [0, 1]), got {images.dtype}")
+
+
+def probe_forward(module: nn.Module, height: int, width: int, call: Optional[Callable[[Tensor], Any]] = None, *,
+                  channels: int = 3, dtype: Optional[torch.dtype] = None) -> Any:
+    """``call(zeros(1, channels, height, width))`` (``call`` defaults to ``module``) at no grad with ``module`` in eval
+    mode (its mode restored), on its parameters' device: how a feature map's size is measured (a forward on the
+    meta device is not portable across models). The one probe of backbone construction, ``output_size`` and the
+    padded-batch extraction."""
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else None
+    dtype = dtype if dtype is not None else (param.dtype if param is not None and param.is_floating_point() else None)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return (call or module)(torch.zeros(1, channels, height, width, device=device, dtype=dtype))
+    finally:
+        module.train(was_training)
 
 
 class BackboneBase(nn.Module):
@@ -106,15 +125,7 @@ class FeatureExtractor(BackboneBase):
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The feature-map size for an input of ``height`` x ``width`` (measured by a forward on the meta device
         is not portable, so this runs a real forward at no-grad on a zero image; cost: one small inference)."""
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                param = next(self.parameters(), None)
-                device = param.device if param is not None else None
-                out = self(torch.zeros(1, self.mean.shape[1], height, width, device=device))
-        finally:
-            self.train(was_training)
+        out = probe_forward(self, height, width, channels=self.mean.shape[1])
         return int(out.shape[-2]), int(out.shape[-1])
 
     # ---- freezing -------------------------------------------------------------------------------------------
@@ -152,7 +163,6 @@ class FeatureExtractor(BackboneBase):
     def _check_module_name(self, name: str) -> str:
         modules = dict(self.body.named_modules())
         if name not in modules:
-            from .factory import close_names
             raise ValueError(f"{self.name}: cannot freeze unknown module {name!r}. {close_names(name, modules)}")
         return name
 

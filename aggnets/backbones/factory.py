@@ -2,15 +2,16 @@
 torchvision or timm model name, a layer and a weights spec."""
 from __future__ import annotations
 
-import difflib
 import os
 import warnings
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from .extractor import FeatureExtractor, FreezeSpec
+from ..utils import close_names
+from ..utils import is_none as _is_none
+from .extractor import FeatureExtractor, FreezeSpec, probe_forward
 
 __all__ = ["build_backbone", "list_backbones", "list_layers", "close_names", "load_weights_file"]
 
@@ -29,15 +30,6 @@ def register_offline_backbone(name: str):
         _OFFLINE[name] = builder
         return builder
     return decorator
-
-
-def close_names(name: str, candidates: Iterable[str], n: int = 8) -> str:
-    """``"Close valid names: a, b, c."`` (difflib), for error messages."""
-    candidates = list(dict.fromkeys(c for c in candidates if c))
-    close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)
-    if not close:
-        close = [c for c in candidates if name.split(".")[0] in c][:n]
-    return f"Close valid names: {', '.join(close)}." if close else f"Valid names include: {', '.join(candidates[:n])}."
 
 
 def list_backbones(source: str = "all") -> list[str]:
@@ -166,10 +158,6 @@ def _as_local_file(weights: WeightsSpec) -> Optional[str]:
             raise FileNotFoundError(f"backbone weights file not found: {path}")
         return path
     return None
-
-
-def _is_none(weights: WeightsSpec) -> bool:
-    return weights is None or weights is False or (isinstance(weights, str) and weights.lower() in ("none", ""))
 
 
 def _torchvision_model(name: str, weights: WeightsSpec, kwargs: dict) -> tuple[nn.Module, tuple, tuple]:
@@ -312,11 +300,5 @@ def _probe(extractor: FeatureExtractor, name: str) -> None:
 
 
 def _probe_output(extractor: FeatureExtractor) -> Any:
-    was_training = extractor.training
-    extractor.eval()
-    try:
-        with torch.no_grad():
-            images = torch.zeros(1, extractor.mean.shape[1], _PROBE_SIZE, _PROBE_SIZE)
-            return extractor.body(images)["out"]
-    finally:
-        extractor.train(was_training)
+    return probe_forward(extractor, _PROBE_SIZE, _PROBE_SIZE, lambda images: extractor.body(images)["out"],
+                         channels=extractor.mean.shape[1])

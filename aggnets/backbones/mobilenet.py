@@ -12,7 +12,8 @@ import os
 import torch
 from torch import nn
 
-from .factory import IMAGENET_MEAN, IMAGENET_STD, WeightsSpec, _is_none, register_offline_backbone
+from ..utils import is_none as _is_none
+from .factory import IMAGENET_MEAN, IMAGENET_STD, WeightsSpec, register_offline_backbone
 
 __all__ = ["mobilenet_v2", "mobilenet_v2_weights_path", "WEIGHTS_FILE", "MEAN", "STD"]
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .dinov2 import POS_INTERPOLATIONS, interpolate_pos_embed
 from .extractor import BackboneBase, FreezeSpec
+from ..utils import close_names
 from .output import BackboneOutput
 
 __all__ = ["ViTExtractor", "FACETS", "UNEVEN_MODES", "is_vision_transformer"]
@@ -289,7 +290,6 @@ class ViTExtractor(BackboneBase):
             modules = dict(self.body.named_modules())
             for module_name in spec:
                 if module_name not in modules:
-                    from .factory import close_names
                     raise ValueError(f"{self.name}: cannot freeze unknown module {module_name!r}. "
                                      f"{close_names(str(module_name), modules)}")
                 modules[module_name].requires_grad_(False)

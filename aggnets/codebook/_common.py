@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..utils import progress_bar  # noqa: F401 (the codebook engines' bar)
 from .distributed import all_gather_rows
 
 # Bytes of one chunk's (N_chunk, K) float32 score block plus its (N_chunk, width * C) operand: bounds memory
@@ -123,22 +124,6 @@ def optional_import(module: str, package: str, engine: str) -> Any:
         return importlib.import_module(module)
     except ImportError as err:
         raise ImportError(f"engine={engine!r} needs the optional package {package!r}: pip install {package}") from err
-
-
-def progress_bar(total: int, enabled: bool, desc: str):
-    """A tqdm bar over iterations, or a no-op stand-in when disabled."""
-    if not enabled:
-        return _NoBar()
-    tqdm = optional_import("tqdm", "tqdm", "progress=True").tqdm
-    return tqdm(total=total, desc=desc, leave=False)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-
-    def set_postfix(self, **kwargs: Any) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @contextmanager

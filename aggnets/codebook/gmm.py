@@ -160,7 +160,7 @@ def _fit_torch(x: Tensor, params: tuple[Tensor, Tensor, Tensor], iters: int, tol
                chunk: int, progress: bool, dist_on: bool, n_total: int) -> tuple[tuple, float, list[float], int, bool]:
     weights, means, variances = params
     rank, _ = D.rank_and_world(dist_on)
-    bar = progress_bar(iters, progress and rank == 0, "GMM EM")
+    bar = progress_bar(total=iters, enabled=progress and rank == 0, desc="GMM EM")
     history: list[float] = []
     previous = None
     converged = False

@@ -207,7 +207,7 @@ def _fit_torch(x: Tensor, k: int, init: Any, iters: int, tol: float, seed: int, 
     D.broadcast(centroids, dist_on)
     gen = generator(seed + 1)  # for empty-cluster splits: the same draws on every rank
 
-    bar = progress_bar(iters, progress and rank == 0, "k-means")
+    bar = progress_bar(total=iters, enabled=progress and rank == 0, desc="k-means")
     previous = math.inf
     n_iter = 0
     fit_total = float(D.all_reduce_sum(torch.tensor([float(xs.shape[0])], dtype=torch.float64, device=x.device),

@@ -12,6 +12,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..utils import progress_bar
+
 __all__ = ["DescriptorReservoir", "sample_descriptors", "split_batch"]
 
 
@@ -119,7 +121,7 @@ def sample_descriptors(backbone: nn.Module, loader: Iterable, *, per_image: Opti
     generator = torch.Generator(device="cpu").manual_seed(seed * 7919 + rank)
     reservoir: Optional[DescriptorReservoir] = None
     images_seen = 0
-    bar = _progress_bar(loader, progress and rank == 0)
+    bar = progress_bar(loader, enabled=progress and rank == 0, desc="sampling descriptors", unit="batch")
     try:
         for index, batch in enumerate(bar):
             if shard_batches and index % world != rank:
@@ -160,11 +162,3 @@ def _draw(features: Tensor, per_image: Optional[int], generator: torch.Generator
     return flat.gather(1, chosen[..., None].expand(-1, -1, channels)).reshape(-1, channels)
 
 
-def _progress_bar(loader: Iterable, enabled: bool):
-    if not enabled:
-        return loader
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return loader
-    return tqdm(loader, desc="sampling descriptors", unit="batch", leave=False)

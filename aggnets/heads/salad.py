@@ -3,7 +3,6 @@ from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as AF

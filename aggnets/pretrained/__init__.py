@@ -11,7 +11,6 @@ its :class:`Preprocessing` attached (``embedder.preprocessing``).
 from __future__ import annotations
 
 import builtins
-import difflib
 import hashlib
 import os
 import pickle
@@ -26,6 +25,7 @@ from ..models import Embedder
 from . import builders
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .table import MODELS, PretrainedModel
+from ..utils import closest
 
 __all__ = ["list", "info", "load", "load_checkpoint", "download", "from_checkpoint", "BUILDERS", "Preprocessing",
            "PretrainedModel", "MODELS", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -51,7 +51,7 @@ def info(name: str) -> PretrainedModel:
     """The table entry of ``name``: URL or where to get the file, descriptor size, preprocessing, paper, reported
     numbers."""
     if name not in MODELS:
-        close = difflib.get_close_matches(name, builtins.list(MODELS), n=3)
+        close = closest(name, MODELS, n=3)
         hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
         raise ValueError(f"aggnets.pretrained: no model {name!r}; {hint}aggnets.pretrained.list() gives all "
                          f"{len(MODELS)}")

@@ -22,7 +22,9 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from .search import ArrayLike, _to_numpy, as_ranking, resolve_kind
+from ..utils import check_ks as _check_ks
+from ..utils import to_numpy as _to_numpy
+from .search import ArrayLike, as_ranking, resolve_kind
 
 __all__ = [
     "REVISITED_SETTINGS", "AP_VARIANTS", "RevisitedGroundTruth", "RefusedGlobalError", "load_revisited_gnd",
@@ -292,16 +294,6 @@ def revisited_per_query(ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], set
         aps[q] = average_precision(found, pos.size, variant)
         prs[q] = [precision_at_k(found, k, pos.size, variant) for k in ks]
     return aps, prs
-
-
-def _check_ks(ks: Sequence[int], name: str = "ks") -> tuple[int, ...]:
-    try:
-        values = tuple(ks)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of positive integers, got {ks!r}") from None
-    if not values or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in values):
-        raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {ks!r}")
-    return tuple(int(k) for k in values)
 
 
 def _gnd_and_num_db(gnd: RevisitedGroundTruth | Sequence[Mapping[str, Any]]

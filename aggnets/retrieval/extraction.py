@@ -65,6 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbones.extractor import probe_forward
+from ..utils import progress_bar
+
 __all__ = ["load_image", "pad_batch", "feature_mask", "extract_descriptors", "masking_problem", "save_descriptors",
            "load_descriptors", "LoadedDescriptors", "BATCHING_MODES", "DESCRIPTORS_FILE_FORMAT"]
 
@@ -521,7 +524,7 @@ class _ThinProbe:
         return self.heights[height], self.widths[width]
 
     def _run(self, height: int, width: int) -> tuple[int, int]:
-        out = self.model.features(torch.zeros(1, 3, height, width, device=self.device, dtype=self.dtype))
+        out = probe_forward(self.model, height, width, self.model.features, dtype=self.dtype)
         return int(out.shape[-2]), int(out.shape[-1])
 
 
@@ -554,16 +557,6 @@ def _combine(per_scale: list[Tensor], how: str, p: float) -> Tensor:
         powered = (stacked.sign() * stacked.abs().pow(p)).mean(dim=0)
         combined = powered.sign() * powered.abs().pow(1.0 / p)
     return F.normalize(combined, dim=-1)
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress is a nicety: no tqdm, no bar
-        return None
-    return tqdm(total=total, desc="extracting descriptors", unit="img", leave=False)
 
 
 def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[PathLike, Tensor]], Tensor], *,
@@ -650,7 +643,7 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
     loader = torch.utils.data.DataLoader(_Images(items, bboxes, max_size, upscale, size, resample), batch_sampler=batches,
                                          collate_fn=_collate, num_workers=num_workers)
     results: list[Optional[Tensor]] = [None] * len(items)
-    bar = _progress(len(items), progress)
+    bar = progress_bar(total=len(items), enabled=progress, desc="extracting descriptors", unit="img")
     model.to(device)
     model.eval()
     try:
@@ -670,11 +663,9 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
                 combined = _combine(per_scale, multiscale, float(gem_p)).cpu()
                 for row, index in enumerate(indices):
                     results[index] = combined[row]
-                if bar is not None:
-                    bar.update(len(indices))
+                bar.update(len(indices))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         model.to(original_device)
         for module, training in modes.items():
             module.training = training

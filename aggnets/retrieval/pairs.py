@@ -29,7 +29,8 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
-from .evaluation import _check_ks, average_precision
+from ..utils import check_ks as _check_ks
+from .evaluation import average_precision
 from .search import ArrayLike, _to_numpy, as_ranking, resolve_kind
 
 __all__ = ["IMAGE_EXTENSIONS", "PairsGroundTruth", "scan_images", "load_pairs_csv", "evaluate_pairs", "pairs_per_query",

@@ -13,11 +13,13 @@ into a validated ranking matrix: row ``q`` holds database indices, best first.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..utils import to_numpy as _to_numpy
 
 __all__ = ["knn", "as_ranking", "resolve_kind", "ranking_from_scores", "KNN_ENGINES", "KNN_METRICS"]
 
@@ -27,16 +29,6 @@ ArrayLike = np.ndarray | Tensor
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------
-
-def _to_numpy(x: Any, name: str) -> np.ndarray:
-    """A numpy view/copy of ``x`` (numpy array, torch tensor or nested sequence)."""
-    if isinstance(x, Tensor):
-        return x.detach().cpu().numpy()
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be array-like (numpy array or torch tensor), got {type(x).__name__}") from err
-
 
 def _check_matrix(x: ArrayLike, name: str) -> None:
     """``x`` must be a non-empty 2-D array/tensor."""
