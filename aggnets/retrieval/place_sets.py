@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .evaluation import positions_from_filenames
+from .ground_truth import positions_from_filenames
 
 __all__ = ["PlaceSet", "folder_place_set", "index_place_set", "recall_at_n_positives", "radius_positives"]
 
