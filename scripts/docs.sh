@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
 if [ "${1:-build}" = serve ]; then
-  exec .venv/bin/python -m mkdocs serve
+  NO_MKDOCS_2_WARNING=1 exec .venv/bin/python -m mkdocs serve
 fi
-.venv/bin/python -m mkdocs build --strict --quiet
+NO_MKDOCS_2_WARNING=1 .venv/bin/python -m mkdocs build --strict --quiet
 echo "[docs] built site/ (open site/index.html)"
