@@ -137,14 +137,20 @@ def dinov2_b():
     return {k: v.float() for k, v in dinov2_reference.random_state(768, 12, seed=4).items()}
 
 
+def _authors_dinov2(state, images, norm):
+    """The authors' ViT-B/14 (all 12 blocks) on ImageNet-normalised images, float64: (patch tokens, class token)."""
+    with torch.no_grad():
+        return dinov2_reference.forward({k: v.double() for k, v in state.items()}, (images - MEAN) / STD, heads=12,
+                                        block=11, norm=norm)
+
+
 def test_boq_dinov2_skips_the_final_norm(tmp_path, dinov2_b):
     aggregator, reference = boq_state(C=768, d=64, Q=3, L=2, R=4, heads=1)
     state = {**_prefixed("backbone.dino.", dinov2_b), **_prefixed("aggregator.", aggregator)}
     model = _ours("boq_dinov2_12288", _save(tmp_path, state))
     images = _images(28, 42)
+    tokens, _ = _authors_dinov2(dinov2_b, images, norm=False)
     with torch.no_grad():
-        tokens, _ = dinov2_reference.forward({k: v.double() for k, v in dinov2_b.items()}, (images - MEAN) / STD,
-                                             heads=12, block=11, norm=False)
         _close(model(images), reference(tokens)[0], 1e-5)
 
 
@@ -153,9 +159,8 @@ def test_salad(tmp_path, dinov2_b):
     state = {**_prefixed("backbone.model.", dinov2_b), **_prefixed("aggregator.", aggregator)}
     model = _ours("salad_dinov2_8448", _save(tmp_path, state))
     images = _images(28, 42)
+    tokens, token = _authors_dinov2(dinov2_b, images, norm=True)
     with torch.no_grad():
-        tokens, token = dinov2_reference.forward({k: v.double() for k, v in dinov2_b.items()}, (images - MEAN) / STD,
-                                                 heads=12, block=11, norm=True)
         _close(model(images), reference_salad(aggregator, tokens, token), 1e-5)
 
 
