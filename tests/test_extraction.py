@@ -16,7 +16,7 @@ from aggnets.backbones.extractor import FeatureExtractor
 from aggnets.heads import MAC, RMAC, GeM, NetVLAD
 from aggnets.retrieval import (extract_descriptors, feature_mask, load_descriptors, load_image, masking_problem,
                                pad_batch, save_descriptors)
-from aggnets.retrieval.extraction import _image_size
+from aggnets.retrieval.extraction import image_size
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # heights / widths chosen to hit every residue modulo the stride, both orientations, and two equal sizes
@@ -242,7 +242,7 @@ def test_load_image_aspect_modes_and_size_prediction(tmp_path):
         assert load_image(other, max_size=26).shape == (3, 26, 16)
     for bbox, max_size, upscale in [(None, 20, True), ((3.4, 2, 40, 29.6), 17, True), ((0, 0, 7, 5), 9, False)]:
         assert tuple(load_image(path, max_size, bbox, upscale=upscale).shape[1:]) == \
-            _image_size(path, bbox, max_size, upscale)
+            image_size(path, bbox, max_size, upscale)
 
 
 def test_bbox_crop(tmp_path):

@@ -47,7 +47,7 @@ def pad_batch(images: Sequence[Tensor], multiple: int = 1,
     return batch, mask
 
 
-def _block_mask(sizes: Tensor, height: int, width: int) -> Tensor:
+def block_mask(sizes: Tensor, height: int, width: int) -> Tensor:
     """(B, height, width) bool, True on the top-left ``sizes[b]`` = (h_b, w_b) block of each map."""
     sizes = sizes.to(torch.long)
     rows = torch.arange(height, device=sizes.device).view(1, -1, 1) < sizes[:, 0].view(-1, 1, 1)
@@ -90,7 +90,7 @@ def feature_mask(image_mask: Tensor, feature_size: Sequence[int], *, sizes: Opti
         if bool((sizes[:, 0] > feature_height).any() | (sizes[:, 1] > feature_width).any() | (sizes <= 0).any()):
             raise ValueError(f"feature_mask: sizes {sizes.tolist()} must be positive and fit in the "
                              f"{feature_height}x{feature_width} feature map")
-        return _block_mask(sizes, feature_height, feature_width)
+        return block_mask(sizes, feature_height, feature_width)
     if stride is None:
         raise ValueError("feature_mask: give sizes (per-image feature sizes) or stride")
     step_h, step_w = _pair(stride, "stride")

@@ -68,9 +68,9 @@ from ..backbones.extractor import probe_forward
 from ..utils import progress_bar
 from .batching import feature_mask, pad_batch
 from .descriptor_files import DESCRIPTORS_FILE_FORMAT, LoadedDescriptors, load_descriptors, save_descriptors
-from .images import (RESAMPLE_METHODS, _check_file, _check_max_size, _check_resample, _check_size, _crop_box,
-                     _image_size, load_image)
-from .remasking import _feature_part, _LayerMasking, _masks_itself, _Untrackable, masking_problem
+from .images import (RESAMPLE_METHODS, check_file, check_max_size, check_resample, check_size, crop_box,
+                     image_size, load_image)
+from .remasking import LayerMasking, Untrackable, feature_part, masking_problem, masks_itself
 
 __all__ = ["load_image", "pad_batch", "feature_mask", "extract_descriptors", "masking_problem", "save_descriptors",
            "load_descriptors", "LoadedDescriptors", "BATCHING_MODES", "DESCRIPTORS_FILE_FORMAT", "RESAMPLE_METHODS"]
@@ -98,7 +98,7 @@ class _Images(torch.utils.data.Dataset):
             return load_image(item, self.max_size, bbox, upscale=self.upscale, size=self.size,
                               resample=self.resample)
         if bbox is not None:
-            x1, y1, x2, y2 = _crop_box(bbox, item.shape[2], item.shape[1], f"image {index}")
+            x1, y1, x2, y2 = crop_box(bbox, item.shape[2], item.shape[1], f"image {index}")
             item = item[:, y1:y2, x1:x2]
         if self.size is not None and tuple(item.shape[1:]) != self.size:
             item = torch.nn.functional.interpolate(item[None], size=self.size, mode=self.resample,
@@ -168,7 +168,7 @@ class _ThinProbe:
 
 def _input_mean(model: nn.Module) -> Union[float, Tensor]:
     """The value that the backbone's input normalisation maps to 0 (0 when it does not normalise)."""
-    backbone = _feature_part(model)
+    backbone = feature_part(model)
     mean = getattr(backbone, "mean", None)
     if isinstance(mean, Tensor) and getattr(backbone, "normalize_images", False) and mean.numel() == 3:
         return mean.detach().flatten()
@@ -230,9 +230,9 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
                         f"and describe(x, mask, token) (aggnets.Embedder does); got {type(model).__name__}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
         raise ValueError(f"extract_descriptors: batch_size must be a positive int, got {batch_size!r}")
-    _check_max_size(max_size)
-    size = _check_size(size)
-    _check_resample(resample)
+    check_max_size(max_size)
+    size = check_size(size)
+    check_resample(resample)
     scales = [scales] if isinstance(scales, (int, float)) else list(scales)
     if not scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0
                              for s in scales):
@@ -255,11 +255,11 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
     for index, item in enumerate(items):
         if isinstance(item, Tensor):
             item = items[index] = _as_image_tensor(item, index)
-            box = _crop_box(bboxes[index], item.shape[2], item.shape[1], f"image {index}")
+            box = crop_box(bboxes[index], item.shape[2], item.shape[1], f"image {index}")
             base_sizes.append(size or ((box[3] - box[1], box[2] - box[0]) if box else tuple(item.shape[1:])))
         elif isinstance(item, (str, os.PathLike)):
-            items[index] = _check_file(item)
-            base_sizes.append(_image_size(items[index], bboxes[index], max_size, upscale, size))
+            items[index] = check_file(item)
+            base_sizes.append(image_size(items[index], bboxes[index], max_size, upscale, size))
         else:
             raise TypeError(f"extract_descriptors: image {index} must be a path or a (3, h, w) tensor, "
                             f"got {type(item).__name__}")
@@ -288,7 +288,7 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
         with torch.no_grad():
             probe = _ThinProbe(model, device, dtype)
             pad_value = _input_mean(model)
-            masking = _LayerMasking(model)
+            masking = LayerMasking(model)
             for indices, images in zip(batches, loader):
                 images = [image.to(device=device, dtype=dtype) for image in images]
                 per_scale = []
@@ -310,7 +310,7 @@ def extract_descriptors(model: nn.Module, images_or_paths: Union[Sequence[Union[
     return torch.stack(results)  # type: ignore[arg-type]
 
 
-def _extract_batch(model: nn.Module, images: list[Tensor], mode: str, masking: _LayerMasking, probe: _ThinProbe,
+def _extract_batch(model: nn.Module, images: list[Tensor], mode: str, masking: LayerMasking, probe: _ThinProbe,
                    pad_value: Union[float, Tensor]) -> Optional[Tensor]:
     """Descriptors (B, D) of one batch; None when ``mode="auto"`` and the per-layer hooks cannot follow the net."""
     sizes = [tuple(image.shape[-2:]) for image in images]
@@ -330,7 +330,7 @@ def _extract_batch(model: nn.Module, images: list[Tensor], mode: str, masking: _
     value = pad_value.to(images[0]) if isinstance(pad_value, Tensor) else pad_value
     batch, image_mask = pad_batch(images, value=value)
     token = None
-    if mode != "padded" and _masks_itself(model):  # the backbone masks the padding itself (e.g. a ViT)
+    if mode != "padded" and masks_itself(model):  # the backbone masks the padding itself (e.g. a ViT)
         out = model.backbone_output(batch, torch.tensor(sizes))
         mask = out.mask
         return _describe(model, out.map, None if mask is None or bool(mask.all()) else mask, out.token)
@@ -342,7 +342,7 @@ def _extract_batch(model: nn.Module, images: list[Tensor], mode: str, masking: _
         try:
             with masking:
                 features, feature_sizes = masking.run(model.features, batch, torch.tensor(sizes))
-        except _Untrackable as error:
+        except Untrackable as error:
             if mode == "auto":
                 return None
             raise ValueError(f"extract_descriptors: batching='masked' cannot follow this backbone: {error}; use "

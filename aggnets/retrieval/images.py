@@ -16,12 +16,12 @@ PathLike = Union[str, os.PathLike]
 BBox = Sequence[float]
 
 
-def _check_max_size(max_size: Optional[int]) -> None:
+def check_max_size(max_size: Optional[int]) -> None:
     if max_size is not None and (not isinstance(max_size, int) or isinstance(max_size, bool) or max_size <= 0):
         raise ValueError(f"max_size must be a positive int or None, got {max_size!r}")
 
 
-def _crop_box(bbox: Optional[BBox], width: int, height: int, what: str) -> Optional[tuple[int, int, int, int]]:
+def crop_box(bbox: Optional[BBox], width: int, height: int, what: str) -> Optional[tuple[int, int, int, int]]:
     """``bbox`` (x1, y1, x2, y2) in pixels, rounded to ints (as PIL's crop does) and checked to lie in the image."""
     if bbox is None:
         return None
@@ -39,7 +39,7 @@ def _crop_box(bbox: Optional[BBox], width: int, height: int, what: str) -> Optio
     return x1, y1, x2, y2
 
 
-def _resized(height: int, width: int, max_size: Optional[int], upscale: bool) -> tuple[int, int]:
+def resized(height: int, width: int, max_size: Optional[int], upscale: bool) -> tuple[int, int]:
     """(height, width) with the longer side ``max_size`` and the aspect ratio kept."""
     longer = max(height, width)
     if max_size is None or longer == max_size or (longer < max_size and not upscale):
@@ -51,7 +51,7 @@ def _resized(height: int, width: int, max_size: Optional[int], upscale: bool) ->
 RESAMPLE_METHODS = ("bicubic", "bilinear")
 
 
-def _check_size(size: Any) -> Optional[tuple[int, int]]:
+def check_size(size: Any) -> Optional[tuple[int, int]]:
     if size is None:
         return None
     values = list(size) if isinstance(size, (list, tuple)) or hasattr(size, "__len__") else None
@@ -61,13 +61,13 @@ def _check_size(size: Any) -> Optional[tuple[int, int]]:
     return int(values[0]), int(values[1])
 
 
-def _check_resample(resample: str) -> str:
+def check_resample(resample: str) -> str:
     if resample not in RESAMPLE_METHODS:
         raise ValueError(f"resample must be one of {RESAMPLE_METHODS}, got {resample!r}")
     return resample
 
 
-def _check_file(path: PathLike) -> str:
+def check_file(path: PathLike) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
@@ -91,22 +91,22 @@ def load_image(path: PathLike, max_size: Optional[int] = 1024, bbox: Optional[BB
 
     from ..data.decode import open_rgb
 
-    _check_max_size(max_size)
-    size = _check_size(size)
-    method = _check_resample(resample)
-    path = _check_file(path)
+    check_max_size(max_size)
+    size = check_size(size)
+    method = check_resample(resample)
+    path = check_file(path)
     image = open_rgb(path)  # any mode to RGB (16-bit scaled, alpha on white); UnreadableImageError names the file
-    box = _crop_box(bbox, image.width, image.height, path)
+    box = crop_box(bbox, image.width, image.height, path)
     if box is not None:
         image = image.crop(box)
-    height, width = size or _resized(image.height, image.width, max_size, upscale)
+    height, width = size or resized(image.height, image.width, max_size, upscale)
     if (height, width) != (image.height, image.width):
         image = image.resize((width, height), getattr(Image.Resampling, method.upper()))
     array = np.asarray(image, dtype=np.uint8).copy()
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 
-def _image_size(path: str, bbox: Optional[BBox], max_size: Optional[int], upscale: bool,
+def image_size(path: str, bbox: Optional[BBox], max_size: Optional[int], upscale: bool,
                 size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
     """The (h, w) that :func:`load_image` will return, read from the file header (no decoding)."""
     from PIL import Image
@@ -115,7 +115,7 @@ def _image_size(path: str, bbox: Optional[BBox], max_size: Optional[int], upscal
         return size
     with Image.open(path) as image:
         width, height = image.size
-    box = _crop_box(bbox, width, height, path)
+    box = crop_box(bbox, width, height, path)
     if box is not None:
         width, height = box[2] - box[0], box[3] - box[1]
-    return _resized(height, width, max_size, upscale)
+    return resized(height, width, max_size, upscale)

@@ -9,12 +9,12 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from .batching import _block_mask
+from .batching import block_mask
 
 __all__ = ["masking_problem"]
 
 
-class _Untrackable(RuntimeError):
+class Untrackable(RuntimeError):
     """The hooks met a layer whose valid region they cannot follow."""
 
 
@@ -27,30 +27,30 @@ _UNSUPPORTED = (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.Adaptive
                 nn.MultiheadAttention, nn.ConvTranspose2d, nn.Unfold, nn.Fold)
 
 
-def _feature_part(model: nn.Module) -> nn.Module:
+def feature_part(model: nn.Module) -> nn.Module:
     """The module whose layers compute ``model.features`` (the backbone)."""
     backbone = getattr(model, "backbone", None)
     return backbone if isinstance(backbone, nn.Module) else model
 
 
 def _feature_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    part = _feature_part(model)
+    part = feature_part(model)
     skip = [] if part is not model else [m for m in (getattr(model, "head", None), getattr(model, "projection", None))
                                          if isinstance(m, nn.Module)]
     skipped = {id(sub) for m in skip for sub in m.modules()}
     return [(name, module) for name, module in part.named_modules() if id(module) not in skipped]
 
 
-def _masks_itself(model: nn.Module) -> bool:
+def masks_itself(model: nn.Module) -> bool:
     """Whether the backbone computes padded batches exactly by itself (``padded_batches``: ``extract(images, sizes)``,
     e.g. a vision transformer with per-image position embeddings and an attention key mask)."""
-    return bool(getattr(_feature_part(model), "padded_batches", False))
+    return bool(getattr(feature_part(model), "padded_batches", False))
 
 
 def masking_problem(model: nn.Module) -> Optional[str]:
     """Why batched extraction cannot be exact for ``model``'s backbone, by itself (``padded_batches``) or by
     per-layer re-masking (None: it can)."""
-    if _masks_itself(model):
+    if masks_itself(model):
         return None
     for name, module in _feature_modules(model):
         label = f"{name or '<root>'} ({type(module).__name__})"
@@ -98,12 +98,12 @@ def _out_sizes(module: nn.Module, sizes: Tensor) -> Tensor:
     return torch.stack(out, dim=1)
 
 
-class _LayerMasking:
+class LayerMasking:
     """Forward hooks that re-mask every Conv2d / MaxPool2d / AvgPool2d input of the backbone to each image's valid
     block (value 0, -inf for max pooling: the lone image's padding) and follow the valid block through the layer.
 
     Valid blocks are keyed by the canvas' spatial size: every tensor of one canvas size shares the per-image
-    blocks (true for CNN stages); a contradiction or an unknown size raises :class:`_Untrackable`.
+    blocks (true for CNN stages); a contradiction or an unknown size raises :class:`Untrackable`.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -111,7 +111,7 @@ class _LayerMasking:
         self.blocks: dict[tuple[int, int], Tensor] = {}
         self.handles: list[Any] = []
 
-    def __enter__(self) -> "_LayerMasking":
+    def __enter__(self) -> "LayerMasking":
         for name, module in self.layers:
             self.handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             self.handles.append(module.register_forward_hook(self._post_hook(name)))
@@ -127,13 +127,13 @@ class _LayerMasking:
         out = features(batch)
         key = tuple(out.shape[-2:])
         if key not in self.blocks:
-            raise _Untrackable(f"the feature map's size {key} was not produced by a layer the hooks follow")
+            raise Untrackable(f"the feature map's size {key} was not produced by a layer the hooks follow")
         return out, self.blocks[key]
 
     def _lookup(self, name: str, x: Tensor) -> Tensor:
         key = tuple(x.shape[-2:])
         if key not in self.blocks:
-            raise _Untrackable(f"layer {name!r}: input of spatial size {key} comes from a layer the hooks do not "
+            raise Untrackable(f"layer {name!r}: input of spatial size {key} comes from a layer the hooks do not "
                                "follow")
         return self.blocks[key]
 
@@ -144,7 +144,7 @@ class _LayerMasking:
             height, width = x.shape[-2:]
             if bool((sizes[:, 0] == height).all() and (sizes[:, 1] == width).all()):
                 return None
-            keep = _block_mask(sizes.to(x.device), height, width).unsqueeze(1)
+            keep = block_mask(sizes.to(x.device), height, width).unsqueeze(1)
             fill = float("-inf") if isinstance(module, nn.MaxPool2d) else 0.0
             return (torch.where(keep, x, torch.full((), fill, dtype=x.dtype, device=x.device)), *args[1:])
         return hook
@@ -154,7 +154,7 @@ class _LayerMasking:
             x = args[0]
             canvas = torch.tensor([list(x.shape[-2:])])
             if tuple(_out_sizes(module, canvas)[0].tolist()) != tuple(output.shape[-2:]):
-                raise _Untrackable(f"layer {name!r} ({type(module).__name__}) does not follow its static size "
+                raise Untrackable(f"layer {name!r} ({type(module).__name__}) does not follow its static size "
                                    "formula (dynamic padding?)")
             sizes = _out_sizes(module, self._lookup(name, x))
             if bool((sizes <= 0).any()):
@@ -163,6 +163,6 @@ class _LayerMasking:
             key = tuple(output.shape[-2:])
             known = self.blocks.get(key)
             if known is not None and not torch.equal(known, sizes):
-                raise _Untrackable(f"layer {name!r}: two different valid blocks for feature maps of size {key}")
+                raise Untrackable(f"layer {name!r}: two different valid blocks for feature maps of size {key}")
             self.blocks[key] = sizes
         return hook
