@@ -32,34 +32,39 @@ def _loss_and_grad(inputs, labels, weight):
     return loss.detach(), weight.grad, scale
 
 
-def _rank(rank: int, world: int, init: str, out: str, sizes: tuple[int, ...]) -> None:
+SPLITS = [(8, 8), (10, 6)]  # equal halves, and ranks holding different counts
+
+
+def _rank(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         inputs, labels, weight = _batch()
-        start = sum(sizes[:rank])
-        loss, grad, scale = _loss_and_grad(inputs[start:start + sizes[rank]], labels[start:start + sizes[rank]], weight)
-        dist.all_reduce(grad)
-        grad /= world  # what DDP does to the gradients
-        torch.save({"loss": loss, "grad": grad, "scale": scale}, f"{out}.{rank}")
+        for index, sizes in enumerate(SPLITS):
+            start = sum(sizes[:rank])
+            part = slice(start, start + sizes[rank])
+            loss, grad, scale = _loss_and_grad(inputs[part], labels[part], weight)
+            dist.all_reduce(grad)
+            grad /= world  # what DDP does to the gradients
+            torch.save({"loss": loss, "grad": grad, "scale": scale}, f"{out}.{index}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes", [(8, 8), (10, 6)])
-def test_two_gloo_ranks_equal_one_process_on_the_global_batch(tmp_path, sizes):
+def test_two_gloo_ranks_equal_one_process_on_the_global_batch(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
     out = str(tmp_path / "result")
-    mp.spawn(_rank, args=(2, init, out, sizes), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, init, out), nprocs=2, join=True)
     inputs, labels, weight = _batch()
     loss, grad, scale = _loss_and_grad(inputs, labels, weight)
     assert scale == 1 and float(loss) > 0
-    for rank in range(2):
-        got = torch.load(f"{out}.{rank}")
-        assert got["scale"] == 2
-        torch.testing.assert_close(got["loss"], loss, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(got["grad"], grad, rtol=1e-10, atol=1e-12)
-    local, _, _ = _loss_and_grad(inputs[:sizes[0]], labels[:sizes[0]], weight)
-    assert not torch.allclose(local, loss)  # mining on the local half alone differs
+    for index, sizes in enumerate(SPLITS):
+        for rank in range(2):
+            got = torch.load(f"{out}.{index}.{rank}")
+            assert got["scale"] == 2
+            torch.testing.assert_close(got["loss"], loss, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got["grad"], grad, rtol=1e-10, atol=1e-12)
+        local, _, _ = _loss_and_grad(inputs[:sizes[0]], labels[:sizes[0]], weight)
+        assert not torch.allclose(local, loss)  # mining on the local part alone differs
 
 
 def test_several_nodes_without_a_rendezvous_stop_with_what_a_node_needs():
