@@ -37,7 +37,7 @@ from .heads.reference import StateDictError
 from .registry import get_head_class, list_heads
 
 __all__ = ["from_reference", "reference_heads", "netvlad_from_pytorch_netvlad", "gem_from_cirtorch",
-           "load_head_state", "head_state_keys",
+           "load_head_state", "head_state_keys", "unwrap_state_dict",
            "format_head_state_keys", "HEAD_STATE_KEYS", "StateDictError"]
 
 
@@ -56,17 +56,18 @@ def from_reference(name: str, state_dict: Any, **hparams: Any) -> nn.Module:
     if not callable(build):
         raise ValueError(f"from_reference: {name!r} has no converter from an authors' layout; heads that have one: "
                          f"{', '.join(reference_heads()) or 'none'}")
-    return build(dict(_unwrap(state_dict)), **hparams)
+    return build(dict(unwrap_state_dict(state_dict)), **hparams)
 
 
-def _unwrap(state_dict: Any) -> Mapping[str, Any]:
+def unwrap_state_dict(state_dict: Any) -> Mapping[str, Any]:
     """Accept a plain state_dict or a checkpoint dict that holds one under ``"state_dict"`` (pytorch-NetVlad,
-    cirtorch and Lightning checkpoints) or ``"model_state_dict"`` (the deep-visual-geo-localization benchmark)."""
+    cirtorch and Lightning checkpoints), ``"model_state_dict"`` (the deep-visual-geo-localization benchmark) or
+    ``"model"``."""
     if isinstance(state_dict, nn.Module):
         return state_dict.state_dict()
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
-    for holder in ("state_dict", "model_state_dict"):
+    for holder in ("state_dict", "model_state_dict", "model"):
         inner = state_dict.get(holder)
         if isinstance(inner, Mapping):
             return inner
@@ -113,7 +114,7 @@ def netvlad_from_pytorch_netvlad(state_dict: Any, prefix: str = "", normalize_in
     centroids' dtype. ``conv.weight`` -> ``assign.weight``, ``conv.bias`` -> ``assign.bias``, ``centroids`` ->
     ``centroids``.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     what = "netvlad_from_pytorch_netvlad"
     found = _find_pair(state_dict, prefix, "conv.weight", "centroids", what)
     weight_key, bias_key, centroids_key = found + "conv.weight", found + "conv.bias", found + "centroids"
@@ -149,7 +150,7 @@ def gem_from_cirtorch(state_dict: Any, prefix: Optional[str] = None, in_channels
     ``normalize=True`` adds the L2 normalisation that cirtorch's ``ImageRetrievalNet`` applies after pooling.
     """
     meta = state_dict.get("meta") if isinstance(state_dict, Mapping) else None
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     what = "gem_from_cirtorch"
     if prefix is not None:
         candidates = [k for k in (prefix + "p", prefix + ".p") if k in state_dict]
@@ -215,7 +216,7 @@ def load_head_state(head: nn.Module, state_dict: Any, strict: bool = True, prefi
     :func:`gem_from_cirtorch` when the keys look like those layouts. Returns torch's ``(missing_keys,
     unexpected_keys)`` result.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     if prefix:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     expected = head.state_dict()

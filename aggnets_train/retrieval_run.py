@@ -199,14 +199,16 @@ def _protocol_inputs(cfg: DictConfig) -> dict[str, Any]:
     raise ConfigError(f"eval.protocol: expected 'pairs', 'revisited' or 'place', got {ev.protocol!r}")
 
 
-def _rank(queries: Tensor, database: Tensor, cfg: DictConfig) -> Any:
-    """Exact scores (Q, N), or, with ``search.index`` (a faiss factory string such as "IVF1024,PQ32"), the
-    top ``search.k`` indices of an approximate search (a partial ranking; AP then counts unranked positives as
-    missed)."""
+def _rank(queries: Tensor, database: Tensor, cfg: DictConfig, k: Optional[int] = None) -> Any:
+    """Exact scores (Q, N) — or, given ``k``, the exact top-k indices —, or, with ``search.index`` (a faiss factory
+    string such as "IVF1024,PQ32"), the top ``k`` (default ``search.k``) indices of an approximate search (a partial
+    ranking; AP then counts unranked positives as missed)."""
     search = cfg.get("search") or {}
     if not search.get("index"):
-        return (queries @ database.T).numpy()
-    k = min(int(search.get("k", 100)), len(database))
+        if k is None:
+            return (queries @ database.T).numpy()
+        return R.knn(queries.numpy(), database.numpy(), min(k, len(database)))[1]
+    k = min(int(k if k is not None else search.get("k", 100)), len(database))
     _, indices = R.approximate_knn(queries.numpy(), database.numpy(), k, index=search.index,
                                    nprobe=int(search.get("nprobe", 16)))
     return indices
@@ -305,12 +307,7 @@ def evaluate_place_set(embedder: Embedder, place_set: R.PlaceSet, cfg: DictConfi
     queries, database = _post_process(queries.float(), database.float(), cfg)
     ns = tuple(int(n) for n in cfg.eval.recall_ns)
     k = min(max(ns), len(database))
-    search = cfg.get("search") or {}
-    if search.get("index"):
-        _, ranks = R.approximate_knn(queries.numpy(), database.numpy(), k, index=search.index,
-                                     nprobe=int(search.get("nprobe", 16)))
-    else:
-        _, ranks = R.knn(queries.numpy(), database.numpy(), k)
+    ranks = _rank(queries, database, cfg, k)
     return R.recall_at_n_positives(ranks, place_set.positives, [n for n in ns if n <= k]), queries, database
 
 

@@ -302,13 +302,8 @@ class MetricLearningTask(EmbeddingTask):
                              add_dataloader_idx=False)
 
     def _gather(self, values: Tensor) -> Tensor:
-        """All ranks' rows, concatenated (ranks may hold different counts)."""
-        count = torch.tensor([len(values)], device=values.device)
-        counts = self.all_gather(count).flatten().tolist()
-        padded = values.new_zeros((max(counts), *values.shape[1:]))
-        padded[: len(values)] = values
-        gathered = self.all_gather(padded)
-        return torch.cat([gathered[r, :c] for r, c in enumerate(counts)])
+        """All ranks' rows, concatenated in rank order (ranks may hold different counts)."""
+        return gather_with_grad(values)
 
     def on_validation_epoch_end(self) -> None:
         self._evaluate("val")

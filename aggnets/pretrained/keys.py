@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..backbones.dinov2 import convert_dinov2_state_dict
+from ..convert import unwrap_state_dict
 from ..heads.reference import StateDictError
 
 __all__ = ["unwrap_checkpoint", "sub_state", "resnet_children_keys", "vgg_features_keys", "resnet_named_keys",
@@ -20,14 +21,12 @@ _RESNET_CHILDREN = {0: "conv1", 1: "bn1", 4: "layer1", 5: "layer2", 6: "layer3",
 def unwrap_checkpoint(checkpoint: Any, what: str) -> dict[str, Any]:
     """The state dict of a checkpoint: bare, or under ``state_dict`` / ``model_state_dict`` / ``model``; a
     DataParallel ``module.`` prefix removed."""
-    state = checkpoint
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-            break
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
-        raise StateDictError(f"{what}: expected a state dict (a mapping of names to tensors), got "
-                             f"{type(state).__name__}")
+    try:
+        state = unwrap_state_dict(checkpoint)
+    except TypeError as error:
+        raise StateDictError(f"{what}: {error}") from None
+    if not all(isinstance(k, str) for k in state):
+        raise StateDictError(f"{what}: expected a state dict (a mapping of names to tensors)")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
